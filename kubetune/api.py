@@ -1,0 +1,680 @@
+"""The kubetune API: FineTuneJob and MergeJob, group ``kubetune.dev``, version ``v1alpha1``.
+
+This module is the single source of truth. The CRDs in ``crds/`` (and the chart's copy) are
+generated from these models by ``kubetune crds``; the operator and the trainer both validate
+with them. Field names are camelCase on the wire (``lora.targetModules``) and snake_case in
+Python (``lora.target_modules``).
+
+Rules that the CRD schema enforces through CEL (``x-kubernetes-validations``) are enforced here
+too, by model validators, so ``kubetune run`` and the trainer reject the same manifests the
+API server rejects.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?$"
+# http(s) endpoint without user-info: credentials never travel inline.
+ENDPOINT_PATTERN = r"^https?://[^@/\s]+(/[^@\s]*)?$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+RESOURCE_NAME_PATTERN = r"^([a-z0-9.\-]+/)?[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$"
+
+S3Uri = Annotated[str, Field(pattern=S3_URI_PATTERN, max_length=1024)]
+Dtype = Literal["bfloat16", "float16", "float32"]
+# Nested objects whose fields all have defaults default to {} in the CRD, so the API server fills
+# their defaults in too.
+EMPTY_DEFAULT: dict[str, Any] = {"default": {}}
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+def cel(rule: str, message: str, **extra: str) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry."""
+    return {"rule": rule, "message": message, **extra}
+
+
+class ApiModel(BaseModel):
+    """Base: camelCase aliases on the wire, unknown fields rejected, validated on assignment."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+        use_attribute_docstrings=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The camelCase JSON form, without unset optional fields."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def _one_of(obj: Any, a: str, b: str, what: str, required: bool = True) -> None:
+    have_a, have_b = getattr(obj, a) is not None, getattr(obj, b) is not None
+    wire_a, wire_b = to_camel(a), to_camel(b)
+    if have_a and have_b:
+        raise ValueError(f"{what}: set exactly one of {wire_a} and {wire_b}, not both")
+    if required and not (have_a or have_b):
+        raise ValueError(f"{what}: set exactly one of {wire_a} and {wire_b}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret of the job's namespace."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    """Name of the Secret, in the same namespace as the job."""
+    key: str = Field(min_length=1, max_length=253)
+    """Key inside the Secret."""
+
+
+class TokenSecretRef(ApiModel):
+    """A Secret holding an access token."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    """Name of the Secret, in the same namespace as the job."""
+    key: str = Field(default="token", min_length=1, max_length=253)
+    """Key inside the Secret that holds the token."""
+
+
+class ModelSource(ApiModel):
+    """Where the base model comes from: a Hugging Face id or an s3:// folder."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("has(self.name) != has(self.uri)", "set exactly one of model.name and model.uri")
+            ]
+        }
+    )
+
+    name: str | None = Field(default=None, min_length=1, max_length=256)
+    """Hugging Face model id, e.g. meta-llama/Llama-3.2-1B (needs a reachable or mirrored hub)."""
+    uri: S3Uri | None = None
+    """s3:// folder holding a model saved with save_pretrained (config, weights, tokenizer)."""
+    revision: str | None = Field(default=None, max_length=256)
+    """Hub revision (branch, tag or commit) when loading by name."""
+    trust_remote_code: bool = False
+    """Allow the model's own Python code to run. Leave false unless you trust the repository."""
+    secret_ref: TokenSecretRef | None = None
+    """Secret with a Hugging Face token (key 'token' by default) for gated or private models."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        _one_of(self, "name", "uri", "model")
+        return self
+
+    def display(self) -> str:
+        return self.name or self.uri or ""
+
+
+class StorageSecretRef(ApiModel):
+    """A Secret with S3 credentials."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    """Name of the Secret, in the same namespace as the job."""
+    access_key_id_key: str = Field(default="AWS_ACCESS_KEY_ID", min_length=1)
+    """Key of the access key id inside the Secret."""
+    secret_access_key_key: str = Field(default="AWS_SECRET_ACCESS_KEY", min_length=1)
+    """Key of the secret access key inside the Secret."""
+
+
+class Storage(ApiModel):
+    """Object storage for models, datasets, checkpoints and results (any S3-compatible endpoint)."""
+
+    endpoint: str | None = Field(default=None, pattern=ENDPOINT_PATTERN, max_length=1024)
+    """S3 endpoint URL, e.g. http://minio.storage:9000. Empty means AWS S3. No credentials in the URL."""
+    region: str = Field(default="us-east-1", min_length=1, max_length=64)
+    """S3 region."""
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    """Bucket addressing: path style works with MinIO and most S3-compatible servers."""
+    secret_ref: StorageSecretRef | None = None
+    """Secret holding the credentials. Credentials are only ever taken from a Secret, never inline."""
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration (core/v1 Toleration)."""
+
+    key: str | None = None
+    """Taint key the toleration applies to; empty matches all keys."""
+    operator: Literal["Exists", "Equal"] | None = None
+    """Exists or Equal (default Equal)."""
+    value: str | None = None
+    """Taint value the toleration matches."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to match; empty matches all effects."""
+    toleration_seconds: int | None = Field(default=None, ge=0)
+    """How long a NoExecute taint is tolerated."""
+
+
+class Resources(ApiModel):
+    """What the pod asks for and where it may run."""
+
+    gpus: int = Field(default=1, ge=0, le=64)
+    """Number of GPUs (0 runs on CPU: fine for small models and merges)."""
+    gpu_resource: str = Field(default="nvidia.com/gpu", pattern=RESOURCE_NAME_PATTERN, max_length=253)
+    """Extended resource name of the GPU, e.g. nvidia.com/gpu or amd.com/gpu."""
+    cpu: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
+    """CPU request and limit, e.g. '8' or '500m'."""
+    memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
+    """Memory request and limit, e.g. '64Gi'."""
+    shm_size: str = Field(default="2Gi", pattern=QUANTITY_PATTERN)
+    """Size of the in-memory /dev/shm (data loader workers need it)."""
+    node_selector: dict[str, str] | None = None
+    """Node labels the pod must match."""
+    tolerations: list[Toleration] | None = None
+    """Tolerations, e.g. for tainted GPU nodes."""
+    affinity: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """A core/v1 Affinity, copied into the pod as is."""
+    priority_class_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN_PATTERN)
+    """PriorityClass of the pod."""
+
+
+class JobControls(ApiModel):
+    """Fields shared by both kinds that control the Kubernetes Job."""
+
+    image: str | None = Field(default=None, min_length=1, max_length=1024)
+    """Container image; empty uses the operator's default trainer image."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Fail the job when it has run this long (all attempts together)."""
+    backoff_limit: int = Field(default=3, ge=0, le=50)
+    """Retries after a failed pod; each retry resumes from the last checkpoint."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Delete the Job and its pods this long after it finishes; the resource and its status stay."""
+
+
+# ----------------------------------------------------------------------------------------------
+# FineTuneJob
+# ----------------------------------------------------------------------------------------------
+
+
+class Quantization(ApiModel):
+    """How the frozen base model is loaded. The default is QLoRA: 4-bit NF4, double quant, bf16."""
+
+    bits: Literal[4, 8, 16] = 4
+    """4 or 8 loads the base through bitsandbytes (QLoRA); 16 is plain LoRA on an unquantized base."""
+    type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: nf4 (NormalFloat, the QLoRA default) or fp4."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit per parameter)."""
+    compute_dtype: Dtype = "bfloat16"
+    """Dtype the dequantized weights are computed in."""
+
+
+class Lora(ApiModel):
+    """The LoRA adapter (peft LoraConfig)."""
+
+    r: int = Field(default=16, gt=0, le=1024)
+    """Rank of the update matrices."""
+    alpha: int = Field(default=32, gt=0, le=4096)
+    """Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with useRslora)."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases are trained."""
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["all-linear"], min_length=1, json_schema_extra={"default": ["all-linear"]}
+    )
+    """Module names to adapt (e.g. [q_proj, v_proj]) or [all-linear]."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA scaling."""
+    modules_to_save: list[str] | None = None
+    """Extra modules trained in full and saved with the adapter (e.g. [lm_head])."""
+
+
+class EvalSplit(ApiModel):
+    """Held-out data: a named split or a fraction of the training split."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.split) != has(self.fraction)",
+                    "set exactly one of dataset.eval.split and dataset.eval.fraction",
+                )
+            ]
+        }
+    )
+
+    split: str | None = Field(default=None, min_length=1)
+    """Name of an evaluation split of the dataset."""
+    fraction: float | None = Field(default=None, gt=0, lt=1)
+    """Fraction of the training split held out for evaluation (seeded)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EvalSplit:
+        _one_of(self, "split", "fraction", "dataset.eval")
+        return self
+
+
+class Dataset(ApiModel):
+    """Training data and how each sample becomes text."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.format != 'template' || has(self.template)",
+                    "dataset.template is required when dataset.format is template",
+                )
+            ]
+        }
+    )
+
+    source: Literal["deeplake", "huggingface", "jsonl", "parquet"]
+    """Kind of dataset: deeplake, huggingface (save_to_disk folder or hub id), jsonl or parquet."""
+    uri: str = Field(min_length=1, max_length=2048)
+    """Where it is: s3://bucket/path, a local path, hub:// (Deep Lake) or a hub id (huggingface)."""
+    split: str = Field(default="train", min_length=1)
+    """Split to train on (huggingface datasets with several splits)."""
+    eval: EvalSplit | None = None
+    """Held-out evaluation data."""
+    format: Literal["text", "template", "promptCompletion", "messages"] = "text"
+    """text: one column used as is; template: a format string over columns; promptCompletion:
+    loss on the completion only; messages: a chat conversation rendered by the chat template."""
+    text_field: str = Field(default="text", min_length=1)
+    """Column used by the text format."""
+    template: str | None = Field(default=None, min_length=1, max_length=65536)
+    """Python format string over columns, e.g. 'Question: {prompt}\\n\\nAnswer: {response}'."""
+    prompt_field: str = Field(default="prompt", min_length=1)
+    """Prompt column of the promptCompletion format."""
+    completion_field: str = Field(default="completion", min_length=1)
+    """Completion column of the promptCompletion format."""
+    messages_field: str = Field(default="messages", min_length=1)
+    """Column of the messages format: a list of {role, content}."""
+    secret_ref: TokenSecretRef | None = None
+    """Secret with a token for hub:// (Deep Lake) or a private hub dataset."""
+
+    @model_validator(mode="after")
+    def _template_needs_template(self) -> Dataset:
+        if self.format == "template" and self.template is None:
+            raise ValueError("dataset.template is required when dataset.format is template")
+        return self
+
+
+class Training(ApiModel):
+    """Optimisation settings (trl SFTConfig)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.maxSteps) != has(self.epochs)",
+                    "set exactly one of training.maxSteps and training.epochs",
+                )
+            ]
+        }
+    )
+
+    max_steps: int | None = Field(default=None, gt=0)
+    """Number of optimizer steps (exclusive with epochs)."""
+    epochs: float | None = Field(default=None, gt=0, le=1000)
+    """Number of passes over the data (exclusive with maxSteps)."""
+    learning_rate: float = Field(default=2e-4, gt=0, le=1)
+    """Peak learning rate."""
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "cosine"
+    """Learning-rate schedule."""
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    """Fraction of steps spent warming up."""
+    weight_decay: float = Field(default=0.0, ge=0, lt=1)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(default=0.3, gt=0)
+    """Gradient clipping norm (0.3 in the QLoRA paper)."""
+    batch_size: int = Field(default=4, ge=1, le=4096)
+    """Sequences per device per step."""
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=4096)
+    """Micro-batches accumulated per optimizer step."""
+    max_length: int = Field(default=1024, ge=8, le=262144)
+    """Tokens per packed sequence (or truncation length without packing)."""
+    packing: Literal["none", "bfd", "wrapped"] = "bfd"
+    """bfd: best-fit packing, no attention across samples; wrapped: the classic constant-length
+    packing (samples attend to each other); none: one sample per row, padded."""
+    bf16: bool = True
+    """Train in bfloat16 mixed precision where the hardware supports it."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (non-reentrant): less memory, ~20% slower."""
+    optimizer: Literal[
+        "auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "paged_adamw_32bit",
+        "adamw_8bit", "adafactor", "sgd",
+    ] = "auto"
+    """auto: paged_adamw_32bit on GPU, adamw_torch on CPU."""
+    seed: int = 42
+    """Seed for data order, LoRA init and dropout."""
+    logging_steps: int = Field(default=10, ge=1)
+    """Report loss and progress every this many steps."""
+    eval_steps: int | None = Field(default=None, ge=1)
+    """Evaluate every this many steps (default: at loggingSteps granularity when eval data exists)."""
+    save_steps: int = Field(default=100, ge=1)
+    """Upload a checkpoint every this many steps; a retried pod resumes from the latest."""
+    keep_checkpoints: int = Field(default=2, ge=1, le=100)
+    """Number of checkpoints kept in storage."""
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> Training:
+        _one_of(self, "max_steps", "epochs", "training")
+        return self
+
+
+class S3Output(ApiModel):
+    """Where results go."""
+
+    uri: S3Uri
+    """s3:// folder for results, e.g. s3://models/llama-qlora/run-1."""
+
+
+class WandbTracking(ApiModel):
+    """Weights & Biases experiment tracking."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.mode != 'online' || has(self.secretRef)",
+                    "tracking.wandb.secretRef (the API key) is required when mode is online",
+                )
+            ]
+        }
+    )
+
+    project: str = Field(min_length=1, max_length=128)
+    """W&B project."""
+    entity: str | None = Field(default=None, min_length=1, max_length=128)
+    """W&B entity (team or user)."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """offline writes the run locally and uploads it with the artifacts (no network needed)."""
+    secret_ref: SecretKeyRef | None = None
+    """Secret key holding WANDB_API_KEY."""
+    host: str | None = Field(default=None, pattern=ENDPOINT_PATTERN)
+    """Self-hosted W&B server URL."""
+
+    @model_validator(mode="after")
+    def _online_needs_key(self) -> WandbTracking:
+        if self.mode == "online" and self.secret_ref is None:
+            raise ValueError("tracking.wandb.secretRef (the API key) is required when mode is online")
+        return self
+
+
+class Tracking(ApiModel):
+    """Experiment tracking."""
+
+    wandb: WandbTracking | None = None
+    """Report metrics to Weights & Biases."""
+
+
+class MergeAfterTraining(ApiModel):
+    """Create a MergeJob when training succeeds."""
+
+    enabled: bool = False
+    """Merge the adapter into its base model once training succeeds."""
+    dtype: Dtype = "bfloat16"
+    """Dtype the base is reloaded in for the merge (never 4-bit)."""
+    output: S3Output | None = None
+    """Where the merged model goes (default: <output.uri>/merged)."""
+
+
+class FineTuneJobSpec(JobControls):
+    """A packed QLoRA supervised fine-tuning run."""
+
+    model: ModelSource
+    """Base model."""
+    quantization: Quantization = Field(default_factory=Quantization, json_schema_extra=EMPTY_DEFAULT)
+    """How the frozen base is loaded (default 4-bit NF4 QLoRA)."""
+    lora: Lora = Field(default_factory=Lora, json_schema_extra=EMPTY_DEFAULT)
+    """The LoRA adapter."""
+    dataset: Dataset
+    """Training data."""
+    training: Training
+    """Optimisation settings; one of maxSteps and epochs is required."""
+    output: S3Output
+    """Where the adapter, checkpoints and report go."""
+    storage: Storage = Field(default_factory=Storage, json_schema_extra=EMPTY_DEFAULT)
+    """Object-storage endpoint and credentials."""
+    tracking: Tracking | None = None
+    """Experiment tracking."""
+    resources: Resources = Field(default_factory=Resources, json_schema_extra=EMPTY_DEFAULT)
+    """Pod resources and placement."""
+    queue_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Kueue LocalQueue: the Job is created suspended and Kueue admits it."""
+    suspend: bool = False
+    """Suspend the run (the pod stops after a checkpoint; unsuspending resumes from it). The only
+    field that may change after creation."""
+    merge: MergeAfterTraining | None = None
+    """Merge the adapter into the base when training succeeds."""
+
+
+class Progress(ApiModel):
+    """Live training progress, reported by the trainer."""
+
+    step: int | None = Field(default=None, ge=0)
+    """Optimizer steps done."""
+    total_steps: int | None = Field(default=None, ge=0)
+    """Optimizer steps in the run."""
+    percent: int | None = Field(default=None, ge=0, le=100)
+    """Percent done."""
+    epoch: float | None = None
+    """Epochs done (fractional)."""
+    loss: float | None = None
+    """Latest training loss."""
+    eval_loss: float | None = None
+    """Latest evaluation loss."""
+    learning_rate: float | None = None
+    """Current learning rate."""
+    tokens_per_second: float | None = None
+    """Training throughput in tokens per second."""
+    eta_seconds: int | None = Field(default=None, ge=0)
+    """Estimated seconds until the end."""
+    eta: str | None = None
+    """Estimated time left, human readable (e.g. 12m30s)."""
+    updated_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    """When the trainer last reported."""
+
+
+class Condition(ApiModel):
+    """A metav1.Condition."""
+
+    type: str = Field(min_length=1, max_length=316)
+    """Condition type, e.g. Ready, Running, Succeeded, Failed, Suspended."""
+    status: Literal["True", "False", "Unknown"]
+    """True, False or Unknown."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """metadata.generation the condition was computed from."""
+    last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
+    """When the status last changed."""
+    reason: str = Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    """CamelCase reason, e.g. BackoffLimitExceeded."""
+    message: str = Field(default="", max_length=32768)
+    """Human-readable details."""
+
+
+class JobStatusBase(ApiModel):
+    """Status fields shared by both kinds."""
+
+    phase: Phase | None = None
+    """Pending, Running, Succeeded, Failed or Suspended."""
+    conditions: list[Condition] | None = None
+    """Kubernetes conditions (Ready, Running, Succeeded, Failed, Suspended, ...)."""
+    observed_generation: int | None = None
+    """metadata.generation this status describes."""
+    job_name: str | None = None
+    """Name of the batch/v1 Job running the work."""
+    attempts: int | None = Field(default=None, ge=0)
+    """Pods started so far (retries included)."""
+    start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    """When the work started."""
+    completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    """When it finished."""
+    message: str | None = None
+    """Latest human-readable message."""
+
+
+class FineTuneJobStatus(JobStatusBase):
+    """Observed state of a FineTuneJob."""
+
+    progress: Progress | None = None
+    """Live progress of the trainer."""
+    checkpoint_uri: str | None = None
+    """Latest complete checkpoint."""
+    adapter_uri: str | None = None
+    """The trained adapter (PEFT format), once the run succeeded."""
+    report_uri: str | None = None
+    """Markdown report with metrics and the loss curve."""
+    wandb_url: str | None = None
+    """W&B run page (or offline run folder in storage)."""
+    merge_job_name: str | None = None
+    """MergeJob created by spec.merge."""
+
+
+class FineTuneJob(ApiModel):
+    """A FineTuneJob resource."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["kubetune.dev/v1alpha1"] = API_VERSION
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# MergeJob
+# ----------------------------------------------------------------------------------------------
+
+
+class LocalObjectRef(ApiModel):
+    """A reference to an object in the same namespace."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    """Name of the object (same namespace)."""
+
+
+class MergeSource(ApiModel):
+    """The adapter to merge and the base it was trained on."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.fineTuneJobRef) != has(self.adapterUri)",
+                    "set exactly one of source.fineTuneJobRef and source.adapterUri",
+                )
+            ]
+        }
+    )
+
+    fine_tune_job_ref: LocalObjectRef | None = Field(default=None, alias="fineTuneJobRef")
+    """A FineTuneJob in the same namespace; its adapter is used once it succeeds."""
+    adapter_uri: S3Uri | None = None
+    """s3:// folder of a kubetune adapter (with its manifest.json)."""
+    base_model: ModelSource | None = None
+    """Base model; defaults to the FineTuneJob's (or the adapter manifest's) model."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> MergeSource:
+        _one_of(self, "fine_tune_job_ref", "adapter_uri", "source")
+        return self
+
+
+class Verify(ApiModel):
+    """Checks run on the merged model before it is published."""
+
+    prompts: list[str] = Field(default_factory=list, max_length=32)
+    """Prompts run through generate(); the outputs are recorded in status.samples."""
+    max_new_tokens: int = Field(default=32, ge=1, le=4096)
+    """Tokens generated per prompt."""
+    tolerance: float | None = Field(default=None, gt=0)
+    """Largest allowed logit difference merged vs base+adapter (default depends on dtype)."""
+
+
+class MergeJobSpec(JobControls):
+    """Merge a LoRA adapter into its base model and publish a standalone model."""
+
+    source: MergeSource
+    """The adapter and its base."""
+    dtype: Dtype = "bfloat16"
+    """Dtype the base is loaded and the merged model saved in (never 4-bit)."""
+    output: S3Output
+    """Where the merged model goes."""
+    storage: Storage | None = None
+    """Object storage; defaults to the FineTuneJob's storage."""
+    verify: Verify = Field(default_factory=Verify, json_schema_extra=EMPTY_DEFAULT)
+    """Verification of the merged model."""
+    resources: Resources = Field(
+        default_factory=lambda: Resources(gpus=0), json_schema_extra={"default": {"gpus": 0}}
+    )
+    """Pod resources (CPU is fine for small models)."""
+
+
+class Verification(ApiModel):
+    """Result of the merged-vs-adapter check."""
+
+    max_logit_diff: float | None = None
+    """Largest absolute logit difference merged vs base+adapter on the probe inputs."""
+    tolerance: float | None = None
+    """Tolerance it was checked against."""
+    passed: bool | None = None
+    """Whether the merged model matched within tolerance."""
+
+
+class Sample(ApiModel):
+    """A generation from the merged model."""
+
+    prompt: str
+    """The prompt."""
+    output: str
+    """What the merged model generated."""
+
+
+class MergeJobStatus(JobStatusBase):
+    """Observed state of a MergeJob."""
+
+    merged_uri: str | None = None
+    """The published merged model."""
+    adapter_uri: str | None = None
+    """The adapter that was merged."""
+    verification: Verification | None = None
+    """Result of the logit comparison."""
+    samples: list[Sample] | None = None
+    """Generations from the merged model for spec.verify.prompts."""
+
+
+class MergeJob(ApiModel):
+    """A MergeJob resource."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["kubetune.dev/v1alpha1"] = API_VERSION
+    kind: Literal["MergeJob"] = "MergeJob"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: MergeJobSpec
+    status: MergeJobStatus | None = None
+
+
+KINDS: dict[str, type[FineTuneJob] | type[MergeJob]] = {"FineTuneJob": FineTuneJob, "MergeJob": MergeJob}
+
+
+def parse_manifest(doc: dict[str, Any]) -> FineTuneJob | MergeJob:
+    """Validate a manifest dict (as read from YAML) into its model; raises pydantic.ValidationError."""
+    kind = doc.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    if doc.get("apiVersion") != API_VERSION:
+        raise ValueError(f"apiVersion must be {API_VERSION}, got {doc.get('apiVersion')!r}")
+    return KINDS[kind].model_validate(doc)

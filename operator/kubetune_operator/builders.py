@@ -1,0 +1,378 @@
+"""Pure builders: a FineTuneJob/MergeJob (+ operator settings) -> the child manifests, as dicts.
+
+No I/O here. Every child carries a controller ownerReference to its resource, so deleting the
+FineTuneJob (or MergeJob) lets the garbage collector delete everything it created. Child names
+are deterministic (``<name>-train``, ``<name>-merge``), at most 63 characters, with a hash suffix
+when the resource name is long, so a restarted operator finds (adopts) what it created before.
+
+Secrets are only ever referenced (``secretKeyRef``), never copied into the ConfigMap or the Job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune import api, contract
+
+OPERATOR = "kubetune-operator"
+MAX_NAME = 63
+LABEL_OWNER = "kubetune.dev/owner"  # annotation "<kind>/<name>" on Jobs and pods: finds the owner
+COMPONENT = {"FineTuneJob": "trainer", "MergeJob": "merge"}
+SUFFIX = {"FineTuneJob": "train", "MergeJob": "merge"}
+COMMAND = {"FineTuneJob": "train", "MergeJob": "merge"}
+PLURAL = {"FineTuneJob": "finetunejobs", "MergeJob": "mergejobs"}
+TERMINATION_GRACE_SECONDS = 300  # long enough to upload a checkpoint after SIGTERM
+RUN_AS = 1000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator-wide settings that shape the children."""
+
+    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    """Image used when the spec sets none (``--trainer-image`` / KUBETUNE_TRAINER_IMAGE)."""
+    image_pull_policy: str = "IfNotPresent"
+    termination_grace_seconds: int = TERMINATION_GRACE_SECONDS
+
+
+# ----------------------------------------------------------------------------------------------
+# names and metadata
+# ----------------------------------------------------------------------------------------------
+
+
+def _short_hash(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def child_name(name: str, suffix: str) -> str:
+    """``<name>-<suffix>``, shortened to 63 characters with a stable hash of ``name`` when needed."""
+    full = f"{name}-{suffix}"
+    if len(full) <= MAX_NAME:
+        return full
+    keep = MAX_NAME - len(suffix) - 10  # "-" + 8 hash chars + "-"
+    head = name[:keep].rstrip("-.")
+    return f"{head}-{_short_hash(name)}-{suffix}"
+
+
+def label_value(value: str) -> str:
+    """A label value (<= 63 chars, alphanumeric at both ends); long values get a hash suffix."""
+    if len(value) <= MAX_NAME:
+        return value
+    return f"{value[:MAX_NAME - 9].rstrip('-._')}-{_short_hash(value)}"
+
+
+def job_name(kind: str, name: str) -> str:
+    """Name of the batch/v1 Job (and its ConfigMap, ServiceAccount, Role, RoleBinding)."""
+    return child_name(name, SUFFIX[kind])
+
+
+def merge_job_name(name: str) -> str:
+    """Name of the MergeJob a FineTuneJob creates when ``spec.merge.enabled``."""
+    return child_name(name, "merge")
+
+
+def labels(kind: str, name: str) -> dict[str, str]:
+    """Labels on every child (and on the pod)."""
+    return {
+        "app.kubernetes.io/name": "kubetune",
+        "app.kubernetes.io/instance": label_value(name),
+        "app.kubernetes.io/component": COMPONENT[kind],
+        "app.kubernetes.io/managed-by": OPERATOR,
+        contract.LABEL_JOB_NAME: label_value(name),
+        contract.LABEL_KIND: kind,
+    }
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    """Controller ownerReference to a FineTuneJob/MergeJob (body as read from the API)."""
+    meta = body["metadata"]
+    return {
+        "apiVersion": body.get("apiVersion", api.API_VERSION),
+        "kind": body["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(body: dict[str, Any], name: str) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": labels(body["kind"], meta["name"]),
+        "annotations": {LABEL_OWNER: f"{body['kind']}/{meta['name']}"},
+        "ownerReferences": [owner_reference(body)],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# children
+# ----------------------------------------------------------------------------------------------
+
+
+def config_map(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobSpec) -> dict[str, Any]:
+    """The ConfigMap holding the resolved spec (camelCase JSON, secrets only by reference)."""
+    name = job_name(body["kind"], body["metadata"]["name"])
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(body, name),
+        "data": {contract.SPEC_KEY: json.dumps(resolved_spec.to_wire(), indent=2, sort_keys=True)},
+    }
+
+
+def service_account(body: dict[str, Any]) -> dict[str, Any]:
+    """The pod's own identity: it may only patch the status of its own resource."""
+    name = job_name(body["kind"], body["metadata"]["name"])
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(body, name)}
+
+
+def role(body: dict[str, Any]) -> dict[str, Any]:
+    """get/patch on ``<plural>/status`` of this one resource (resourceNames), nothing else."""
+    kind, name = body["kind"], body["metadata"]["name"]
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(body, job_name(kind, name)),
+        "rules": [
+            {
+                "apiGroups": [api.GROUP],
+                "resources": [f"{PLURAL[kind]}/status"],
+                "resourceNames": [name],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+
+
+def role_binding(body: dict[str, Any]) -> dict[str, Any]:
+    """Binds :func:`role` to :func:`service_account`."""
+    meta = body["metadata"]
+    name = job_name(body["kind"], meta["name"])
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(body, name),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": meta["namespace"]}],
+    }
+
+
+def _secret_env(env_name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def credential_env(spec: api.FineTuneJobSpec | api.MergeJobSpec) -> list[dict[str, Any]]:
+    """Credentials as secretKeyRef env vars, from the Secrets named in the (resolved) spec."""
+    env: list[dict[str, Any]] = []
+    storage = spec.storage
+    if storage is not None and storage.secret_ref is not None:
+        ref = storage.secret_ref
+        env.append(_secret_env(contract.ENV_AWS_ACCESS_KEY_ID, ref.name, ref.access_key_id_key))
+        env.append(_secret_env(contract.ENV_AWS_SECRET_ACCESS_KEY, ref.name, ref.secret_access_key_key))
+    if isinstance(spec, api.FineTuneJobSpec):
+        model = spec.model
+        wandb = spec.tracking.wandb if spec.tracking else None
+        if wandb is not None and wandb.secret_ref is not None:
+            env.append(_secret_env(contract.ENV_WANDB_API_KEY, wandb.secret_ref.name, wandb.secret_ref.key))
+        if spec.dataset.secret_ref is not None:
+            env.append(_secret_env(contract.ENV_DATASET_TOKEN, spec.dataset.secret_ref.name,
+                                   spec.dataset.secret_ref.key))
+    else:
+        model = spec.source.base_model  # type: ignore[assignment]
+    if model is not None and model.secret_ref is not None:
+        env.append(_secret_env(contract.ENV_HF_TOKEN, model.secret_ref.name, model.secret_ref.key))
+    return env
+
+
+def resources(res: api.Resources) -> dict[str, Any]:
+    """Container resources: GPUs as a limit; cpu/memory with requests == limits when given."""
+    limits: dict[str, str] = {}
+    if res.gpus > 0:
+        limits[res.gpu_resource] = str(res.gpus)
+    if res.cpu is not None:
+        limits["cpu"] = res.cpu
+    if res.memory is not None:
+        limits["memory"] = res.memory
+    out: dict[str, Any] = {"limits": limits} if limits else {}
+    requests = {k: v for k, v in limits.items() if k in ("cpu", "memory")}
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def pod_failure_policy(container: str) -> dict[str, Any]:
+    """Permanent exit codes fail the Job at once; preemption and disruptions do not count."""
+    return {
+        "rules": [
+            {"action": "FailJob",
+             "onExitCodes": {"containerName": container, "operator": "In",
+                             "values": list(contract.PERMANENT_EXIT_CODES)}},
+            {"action": "Ignore",
+             "onExitCodes": {"containerName": container, "operator": "In",
+                             "values": [contract.EXIT_PREEMPTED]}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+
+
+def _placement(res: api.Resources) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if res.node_selector:
+        out["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        out["tolerations"] = [t.to_wire() for t in res.tolerations]
+    if res.affinity:
+        out["affinity"] = res.affinity
+    if res.priority_class_name:
+        out["priorityClassName"] = res.priority_class_name
+    return out
+
+
+def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobSpec,
+        settings: Settings, suspend: bool) -> dict[str, Any]:
+    """The batch/v1 Job: one pod, restartPolicy Never, retries with the pod failure policy."""
+    kind, meta = body["kind"], body["metadata"]
+    name = job_name(kind, meta["name"])
+    container = COMPONENT[kind]
+    spec = resolved_spec
+    env = [
+        {"name": contract.ENV_SPEC_FILE, "value": contract.SPEC_FILE},
+        {"name": contract.ENV_KIND, "value": kind},
+        {"name": contract.ENV_NAME, "value": meta["name"]},
+        {"name": contract.ENV_NAMESPACE, "value": meta["namespace"]},
+        {"name": contract.ENV_UID, "value": meta["uid"]},
+        {"name": contract.ENV_TERMINATION_LOG, "value": contract.DEFAULT_TERMINATION_LOG},
+        {"name": contract.ENV_WORK_DIR, "value": contract.WORK_DIR},
+        {"name": "HF_HOME", "value": contract.CACHE_DIR},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *credential_env(spec),
+    ]
+    pod_meta = {"labels": labels(kind, meta["name"]), "annotations": {LABEL_OWNER: f"{kind}/{meta['name']}"}}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": name,
+        "automountServiceAccountToken": True,
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "securityContext": pod_security_context(),
+        **_placement(spec.resources),
+        "containers": [
+            {
+                "name": container,
+                "image": spec.image or settings.trainer_image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "command": ["kubetune", COMMAND[kind], "--spec", contract.SPEC_FILE],
+                "env": env,
+                "resources": resources(spec.resources),
+                "volumeMounts": [
+                    {"name": "spec", "mountPath": contract.SPEC_DIR, "readOnly": True},
+                    {"name": "work", "mountPath": contract.WORK_DIR},
+                    {"name": "cache", "mountPath": contract.CACHE_DIR},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                ],
+                "terminationMessagePath": contract.DEFAULT_TERMINATION_LOG,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": container_security_context(),
+            }
+        ],
+        "volumes": [
+            {"name": "spec", "configMap": {"name": name, "items": [{"key": contract.SPEC_KEY,
+                                                                      "path": contract.SPEC_KEY}]}},
+            {"name": "work", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
+        ],
+    }
+    job_meta = _metadata(body, name)
+    queue = getattr(spec, "queue_name", None)
+    if queue:
+        job_meta["labels"][contract.LABEL_QUEUE] = queue
+    job_spec: dict[str, Any] = {
+        "parallelism": 1,
+        "completions": 1,
+        "backoffLimit": spec.backoff_limit,
+        "suspend": suspend,
+        "podFailurePolicy": pod_failure_policy(container),
+        "template": {"metadata": pod_meta, "spec": pod_spec},
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": job_spec}
+
+
+def initial_suspend(spec: api.FineTuneJobSpec | api.MergeJobSpec) -> bool:
+    """Create the Job suspended when the user asked for it or when Kueue is to admit it."""
+    return bool(getattr(spec, "suspend", False) or getattr(spec, "queue_name", None))
+
+
+def merge_job(body: dict[str, Any], spec: api.FineTuneJobSpec) -> dict[str, Any]:
+    """The MergeJob a FineTuneJob with ``spec.merge.enabled`` creates once training succeeded."""
+    meta = body["metadata"]
+    merge = spec.merge or api.MergeAfterTraining(enabled=True)
+    output = merge.output.uri if merge.output else spec.output.uri.rstrip("/") + "/merged"
+    mj_spec = api.MergeJobSpec(
+        source=api.MergeSource(fine_tune_job_ref=api.LocalObjectRef(name=meta["name"])),
+        dtype=merge.dtype,
+        output=api.S3Output(uri=output),
+        storage=spec.storage,
+        image=spec.image,
+        resources=api.Resources(
+            gpus=0,
+            node_selector=spec.resources.node_selector,
+            tolerations=spec.resources.tolerations,
+            priority_class_name=spec.resources.priority_class_name,
+        ),
+    )
+    md = _metadata(body, merge_job_name(meta["name"]))
+    md["labels"] = {k: v for k, v in md["labels"].items() if not k.startswith("app.kubernetes.io/component")}
+    md["labels"].update({"app.kubernetes.io/component": "merge", contract.LABEL_KIND: "MergeJob"})
+    return {"apiVersion": api.API_VERSION, "kind": "MergeJob", "metadata": md, "spec": mj_spec.to_wire()}
+
+
+# ----------------------------------------------------------------------------------------------
+# MergeJob resolution
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_merge_spec(spec: api.MergeJobSpec, ftj: dict[str, Any] | None) -> api.MergeJobSpec:
+    """The MergeJobSpec the merge container gets: a concrete ``source.adapterUri``, the base model
+    and storage defaulted from the FineTuneJob. ``ftj`` must have succeeded (status.adapterUri)."""
+    if spec.source.fine_tune_job_ref is None:
+        return spec
+    if ftj is None:
+        raise ValueError("the referenced FineTuneJob is needed to resolve the MergeJob")
+    ft_spec = api.FineTuneJobSpec.model_validate(ftj["spec"])
+    adapter = (ftj.get("status") or {}).get("adapterUri")
+    if not adapter:
+        raise ValueError(f"FineTuneJob {ftj['metadata']['name']} has no status.adapterUri")
+    source = api.MergeSource(adapter_uri=adapter, base_model=spec.source.base_model or ft_spec.model)
+    return spec.model_copy(update={"source": source, "storage": spec.storage or ft_spec.storage})

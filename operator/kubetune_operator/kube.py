@@ -1,0 +1,145 @@
+"""A small synchronous JSON client for the Kubernetes API: dicts in, dicts out.
+
+Credentials come from the ``kubernetes`` package's loaders (in-cluster ServiceAccount, else
+``$KUBECONFIG``/``~/.kube/config``); requests go through urllib3. Only what the operator needs:
+get, list (label selector), create, merge-patch (object or status subresource).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import urllib3
+
+from kubetune import api
+
+# kind -> (group/version path prefix, plural)
+RESOURCES: dict[str, tuple[str, str]] = {
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "Secret": ("/api/v1", "secrets"),
+    "Pod": ("/api/v1", "pods"),
+    "ServiceAccount": ("/api/v1", "serviceaccounts"),
+    "Job": ("/apis/batch/v1", "jobs"),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "FineTuneJob": (f"/apis/{api.API_VERSION}", "finetunejobs"),
+    "MergeJob": (f"/apis/{api.API_VERSION}", "mergejobs"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
+}
+
+
+class ApiError(Exception):
+    """A non-2xx answer from the API server."""
+
+    def __init__(self, status: int, method: str, path: str, body: str) -> None:
+        self.status = status
+        try:
+            self.reason = json.loads(body).get("reason", "")
+            detail = json.loads(body).get("message", body)
+        except ValueError:
+            self.reason, detail = "", body
+        super().__init__(f"{method} {path}: HTTP {status}: {detail[:500]}")
+
+
+class Kube:
+    """The API client. ``Kube.from_environment()`` loads credentials like kubectl does."""
+
+    def __init__(self, configuration: Any) -> None:
+        self._cfg = configuration
+        self._lock = threading.Lock()
+        kwargs: dict[str, Any] = {"maxsize": 8, "timeout": urllib3.Timeout(connect=10, read=60),
+                                  "retries": urllib3.Retry(total=3, connect=3, read=0, status=0, backoff_factor=0.5)}
+        if configuration.host.startswith("https"):
+            kwargs["cert_reqs"] = "CERT_REQUIRED" if configuration.verify_ssl else "CERT_NONE"
+            if configuration.ssl_ca_cert:
+                kwargs["ca_certs"] = configuration.ssl_ca_cert
+            if configuration.cert_file:
+                kwargs["cert_file"] = configuration.cert_file
+                kwargs["key_file"] = configuration.key_file
+        self._http = urllib3.PoolManager(**kwargs)
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=cfg)
+        return cls(cfg)
+
+    # -- plumbing
+
+    def _headers(self, content_type: str | None) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "kubetune-operator"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        with self._lock:  # the token may be refreshed (projected ServiceAccount tokens rotate)
+            token = self._cfg.get_api_key_with_prefix("authorization") or self._cfg.get_api_key_with_prefix(
+                "BearerToken")
+        if token:
+            headers["Authorization"] = token if token.lower().startswith("bearer ") else f"Bearer {token}"
+        return headers
+
+    def request(self, method: str, path: str, body: Any = None, content_type: str | None = None,
+                query: dict[str, str] | None = None) -> dict[str, Any]:
+        url = self._cfg.host.rstrip("/") + path + (f"?{urlencode(query)}" if query else "")
+        data = json.dumps(body).encode() if body is not None else None
+        resp = self._http.request(method, url, body=data,
+                                  headers=self._headers(content_type or ("application/json" if data else None)))
+        text = resp.data.decode(errors="replace")
+        if resp.status >= 300:
+            raise ApiError(resp.status, method, path, text)
+        return json.loads(text) if text else {}
+
+    @staticmethod
+    def path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+        prefix, plural = RESOURCES[kind]
+        out = prefix + (f"/namespaces/{quote(namespace)}" if namespace else "") + f"/{plural}"
+        if name:
+            out += f"/{quote(name)}"
+        if sub:
+            out += f"/{sub}"
+        return out
+
+    # -- verbs
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            return self.request("GET", self.path(kind, namespace, name))
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def list(self, kind: str, namespace: str, selector: str | None = None) -> list[dict[str, Any]]:
+        query = {"labelSelector": selector} if selector else None
+        return list(self.request("GET", self.path(kind, namespace), query=query).get("items") or [])
+
+    def create(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create; on HTTP 409 (already exists) read and return the existing one. -> (object, created)."""
+        meta = obj["metadata"]
+        try:
+            return self.request("POST", self.path(obj["kind"], meta["namespace"]), obj), True
+        except ApiError as err:
+            if err.status != 409:
+                raise
+        existing = self.get(obj["kind"], meta["namespace"], meta["name"])
+        if existing is None:  # deleted in between: let the next reconcile create it
+            raise ApiError(409, "POST", self.path(obj["kind"], meta["namespace"]), "conflict, then gone")
+        return existing, False
+
+    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any],
+              subresource: str | None = None) -> dict[str, Any]:
+        """JSON merge patch (RFC 7386) of the object or of a subresource (``status``)."""
+        return self.request("PATCH", self.path(kind, namespace, name, subresource), patch,
+                            content_type="application/merge-patch+json")
+
+    def put(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        return self.request("PUT", self.path(obj["kind"], meta["namespace"], meta["name"]), obj)

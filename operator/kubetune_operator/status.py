@@ -1,0 +1,314 @@
+"""Pure status derivation: observed Job + pods (+ the trainer's termination message) -> status.
+
+Level-based: the status is a function of what exists now, never of the events seen on the way,
+so a restarted operator computes the same status. The operator owns ``phase``, ``conditions``,
+``message``, ``observedGeneration``, ``jobName``, ``attempts``, ``startTime`` and
+``completionTime``; the trainer's own progress patches (``progress``, ``checkpointUri``, ...) are
+left alone, except that the result fields of the termination message are copied when a pod ends
+(so results arrive even without the progress channel).
+
+Conditions follow kstatus: ``Ready`` is always present (True once succeeded); ``Reconciling`` is
+True while work is in progress, ``Stalled`` is True when it failed or cannot progress without
+help; ``Succeeded``/``Failed``/``Suspended`` are added when they hold. All carry
+``observedGeneration``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune import contract
+
+MESSAGE_LIMIT = 4096
+RESULT_FIELDS = {
+    "FineTuneJob": ("adapterUri", "checkpointUri", "reportUri", "wandbUrl", "progress"),
+    "MergeJob": ("mergedUri", "adapterUri", "verification", "samples"),
+}
+OWNED_FIELDS = ("phase", "conditions", "message", "observedGeneration", "jobName", "attempts", "startTime",
+                "completionTime")
+# Container waiting reasons that need a human (wrong image, missing Secret key): Stalled.
+STALLED_WAITING = {"ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "ErrImageNeverPull"}
+# Waiting reasons worth surfacing while the pod starts.
+REPORTED_WAITING = STALLED_WAITING | {"ErrImagePull", "CreateContainerError", "ContainerCreating"}
+_REASON_RE = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the observed state means: phase + the reason and message for the conditions."""
+
+    phase: str
+    reason: str
+    message: str
+    stalled: bool = False
+
+
+@dataclass(frozen=True)
+class Termination:
+    """A container's end: exit code, kubelet reason and the parsed termination message."""
+
+    exit_code: int | None
+    kubelet_reason: str | None
+    reason: str | None
+    message: str
+    result: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# small readers of Kubernetes objects
+# ----------------------------------------------------------------------------------------------
+
+
+def safe_reason(reason: str | None, default: str) -> str:
+    """A metav1.Condition reason (CamelCase identifier) or ``default``."""
+    return reason if reason and _REASON_RE.match(reason) and len(reason) <= 1024 else default
+
+
+def truncate(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def job_condition(job: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
+    """The Job condition of that type when it is True."""
+    for cond in ((job or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == ctype and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def parse_termination_message(text: str | None) -> tuple[str | None, str, dict[str, Any]]:
+    """(reason, message, result) from the trainer's JSON termination message; a non-JSON text
+    (the log tail, with FallbackToLogsOnError) becomes the message."""
+    if not text:
+        return None, "", {}
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None, truncate(text.strip()), {}
+    if not isinstance(doc, dict):
+        return None, truncate(text.strip()), {}
+    result = doc.get("result")
+    return (doc.get("reason") if isinstance(doc.get("reason"), str) else None,
+            truncate(str(doc.get("message") or "")), result if isinstance(result, dict) else {})
+
+
+def _main_status(pod: dict[str, Any]) -> dict[str, Any]:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return statuses[0] if statuses else {}
+
+
+def termination(pod: dict[str, Any]) -> Termination | None:
+    """How the pod's (single) container ended, or None while it has not."""
+    cs = _main_status(pod)
+    term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+    if not term:
+        status = pod.get("status") or {}
+        if status.get("phase") == "Failed" and status.get("reason"):  # evicted, deadline, ...
+            return Termination(None, status["reason"], None, truncate(status.get("message") or ""), {})
+        return None
+    reason, message, result = parse_termination_message(term.get("message"))
+    return Termination(term.get("exitCode"), term.get("reason"), reason, message, result)
+
+
+def waiting_reason(pod: dict[str, Any]) -> tuple[str | None, str]:
+    waiting = (_main_status(pod).get("state") or {}).get("waiting") or {}
+    return waiting.get("reason"), waiting.get("message") or ""
+
+
+def unschedulable(pod: dict[str, Any]) -> str | None:
+    """The scheduler's message when the pod cannot be placed (PodScheduled=False/Unschedulable)."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
+                and cond.get("reason") == "Unschedulable":
+            return cond.get("message") or "no node fits the pod"
+    return None
+
+
+def _created(obj: dict[str, Any]) -> str:
+    return (obj.get("metadata") or {}).get("creationTimestamp") or ""
+
+
+def by_age(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Oldest first (creationTimestamp, then name for ties)."""
+    return sorted(pods, key=lambda p: (_created(p), p["metadata"].get("name", "")))
+
+
+def attempt_failure(term: Termination) -> tuple[str, str]:
+    """(reason, message) for one failed attempt."""
+    if term.kubelet_reason == "OOMKilled":
+        return "OOMKilled", ("the container ran out of memory (OOMKilled); raise spec.resources.memory or "
+                             "lower training.batchSize / training.maxLength")
+    if term.exit_code in contract.EXIT_REASONS:
+        reason = contract.EXIT_REASONS[term.exit_code]  # type: ignore[index]
+        return reason, term.message or f"exit code {term.exit_code} ({reason})"
+    if term.exit_code is None:
+        return safe_reason(term.kubelet_reason, "PodFailed"), term.message or "the pod failed"
+    detail = f": {term.message}" if term.message else ""
+    return "Error", f"exit code {term.exit_code}{detail}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the verdict
+# ----------------------------------------------------------------------------------------------
+
+
+def _failed(job: dict[str, Any], cond: dict[str, Any], failed_pods: list[dict[str, Any]]) -> Verdict:
+    job_reason = cond.get("reason") or "Failed"
+    job_message = cond.get("message") or "the Job failed"
+    last = termination(failed_pods[-1]) if failed_pods else None
+    pod_reason, pod_message = attempt_failure(last) if last else (None, "")
+    if job_reason == "DeadlineExceeded":
+        return Verdict("Failed", "DeadlineExceeded",
+                       f"{job_message} (spec.activeDeadlineSeconds={job['spec'].get('activeDeadlineSeconds')})",
+                       stalled=True)
+    if job_reason == "PodFailurePolicy" and pod_reason:
+        return Verdict("Failed", pod_reason, pod_message, stalled=True)
+    if job_reason == "BackoffLimitExceeded" and pod_reason in ("OOMKilled", "StorageError"):
+        return Verdict("Failed", pod_reason, f"{pod_message} (backoff limit exceeded after "
+                                             f"{len(failed_pods)} failed attempts)", stalled=True)
+    detail = f"; last attempt: {pod_message}" if pod_message else ""
+    return Verdict("Failed", safe_reason(job_reason, "Failed"), truncate(job_message + detail), stalled=True)
+
+
+def _active(job: dict[str, Any], pods: list[dict[str, Any]], attempts: int) -> Verdict:
+    live = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running", None)
+            and not p["metadata"].get("deletionTimestamp")]
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    if not live:
+        if failed:
+            last = termination(failed[-1])
+            _, message = attempt_failure(last) if last else (None, "the pod failed")
+            return Verdict("Running", "Retrying", truncate(f"attempt {len(failed)} failed ({message}); retrying"))
+        return Verdict("Pending", "Starting", "waiting for the pod to be created")
+    pod = live[-1]
+    name = pod["metadata"].get("name", "")
+    if pod["status"].get("phase") == "Running":
+        return Verdict("Running", "Running", f"pod {name} is running (attempt {attempts})")
+    scheduler_message = unschedulable(pod)
+    if scheduler_message:
+        return Verdict("Pending", "Unschedulable", truncate(f"pod {name} cannot be scheduled: {scheduler_message}"))
+    reason, message = waiting_reason(pod)
+    if reason in REPORTED_WAITING:
+        text = f"pod {name}: {reason}" + (f": {message}" if message else "")
+        return Verdict("Pending", reason, truncate(text), stalled=reason in STALLED_WAITING)  # type: ignore[arg-type]
+    return Verdict("Pending", "PodPending", f"pod {name} is starting")
+
+
+def verdict(job: dict[str, Any] | None, pods: list[dict[str, Any]], spec_suspend: bool = False) -> Verdict:
+    """Phase, reason and message of the observed Job and its pods (oldest pod first)."""
+    if job is None:
+        return Verdict("Pending", "Creating", "creating the Job")
+    pods = by_age(pods)
+    failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    done = job_condition(job, "Complete") or job_condition(job, "SuccessCriteriaMet")
+    if done:
+        succeeded = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+        term = termination(succeeded[-1]) if succeeded else None
+        return Verdict("Succeeded", "Succeeded", (term.message if term and term.message else "the Job completed"))
+    failed = job_condition(job, "Failed") or job_condition(job, "FailureTarget")
+    if failed:
+        return _failed(job, failed, failed_pods)
+    if (job.get("spec") or {}).get("suspend"):
+        if spec_suspend:
+            return Verdict("Suspended", "Suspended", "suspended (spec.suspend); unsuspend to resume from the "
+                                                     "latest checkpoint")
+        return Verdict("Pending", "WaitingForAdmission", "the Job is suspended until it is admitted "
+                                                         "(Kueue queue) or resumed")
+    return _active(job, pods, attempts(job, pods))
+
+
+def attempts(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> int:
+    """Pods started so far, retries included (pods may have been deleted: the Job counts them too)."""
+    st = (job or {}).get("status") or {}
+    counted = int(st.get("succeeded") or 0) + int(st.get("failed") or 0) + int(st.get("active") or 0)
+    return max(len(pods), counted)
+
+
+def results(kind: str, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> dict[str, Any]:
+    """Result fields from the termination message of the pod that ended the run (the succeeded one,
+    else the latest failed one); only the fields the kind's status has."""
+    if job is None:
+        return {}
+    pods = by_age(pods)
+    ended = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"] or \
+        [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    if not ended:
+        return {}
+    term = termination(ended[-1])
+    if term is None:
+        return {}
+    return {k: v for k, v in term.result.items() if k in RESULT_FIELDS[kind] and v is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# conditions and the status document
+# ----------------------------------------------------------------------------------------------
+
+
+def conditions(v: Verdict, generation: int, old: list[dict[str, Any]] | None, now: str) -> list[dict[str, Any]]:
+    """kstatus-style conditions; lastTransitionTime kept from ``old`` when the status is unchanged."""
+    wanted: list[tuple[str, str]] = [("Ready", "True" if v.phase == "Succeeded" else "False")]
+    if v.stalled or v.phase == "Failed":
+        wanted.append(("Stalled", "True"))
+    elif v.phase in ("Pending", "Running"):
+        wanted.append(("Reconciling", "True"))
+    if v.phase in ("Succeeded", "Failed", "Suspended"):
+        wanted.append((v.phase, "True"))
+    previous = {c.get("type"): c for c in old or []}
+    out = []
+    for ctype, status in wanted:
+        prev = previous.get(ctype)
+        since = prev["lastTransitionTime"] if prev and prev.get("status") == status and \
+            prev.get("lastTransitionTime") else now
+        out.append({"type": ctype, "status": status, "observedGeneration": generation,
+                    "lastTransitionTime": since, "reason": v.reason, "message": v.message})
+    return out
+
+
+def derive(kind: str, body: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]], now: str,
+           blocked: Verdict | None = None, spec_suspend: bool = False) -> dict[str, Any]:
+    """The status the operator writes (its own fields + results from the termination message).
+
+    ``blocked`` overrides the verdict when the operator did not (or cannot yet) create the Job:
+    a validation failure or a MergeJob waiting for its FineTuneJob.
+    """
+    old = body.get("status") or {}
+    generation = int((body.get("metadata") or {}).get("generation") or 1)
+    v = blocked or verdict(job, pods, spec_suspend)
+    status: dict[str, Any] = {
+        "phase": v.phase,
+        "conditions": conditions(v, generation, old.get("conditions"), now),
+        "message": v.message,
+        "observedGeneration": generation,
+    }
+    if job is not None:
+        jst = job.get("status") or {}
+        status["jobName"] = job["metadata"]["name"]
+        status["attempts"] = attempts(job, pods)
+        if jst.get("startTime"):
+            status["startTime"] = jst["startTime"]
+        if v.phase in ("Succeeded", "Failed") and not blocked:
+            end = jst.get("completionTime") or next(
+                (c.get("lastTransitionTime") for c in jst.get("conditions") or []
+                 if c.get("type") in ("Failed", "FailureTarget", "Complete", "SuccessCriteriaMet")
+                 and c.get("status") == "True"), None)
+            if end:
+                status["completionTime"] = end
+        status.update(results(kind, job, pods))
+    return status
+
+
+def changed(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch for ``new`` over ``old``: only the keys whose value differs (empty: no write)."""
+    old = old or {}
+    return {k: v for k, v in new.items() if old.get(k) != v}
+
+
+def is_finished(status: dict[str, Any] | None) -> bool:
+    """Terminal: the Job ran and succeeded or failed. Validation failures (no jobName) are not
+    terminal: they are re-checked, since the missing Secret may be created later."""
+    status = status or {}
+    return status.get("phase") in ("Succeeded", "Failed") and bool(status.get("jobName"))

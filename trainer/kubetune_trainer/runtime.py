@@ -1,0 +1,237 @@
+"""What every kubetune container does around its recipe: read the spec, report status, exit clearly.
+
+* :func:`load_spec` validates the mounted spec with the shared API models.
+* :class:`StatusReporter` is the progress channel: it merge-patches the resource's ``/status`` with
+  the pod's own ServiceAccount token. The operator gives each job a ServiceAccount whose Role
+  allows ``patch`` on that one resource's status only (``resourceNames``), so a compromised
+  trainer can touch nothing else. The reporter never raises: training goes on if it fails.
+* :func:`run_entry` maps failures to exit codes (:mod:`kubetune.contract`) and writes the
+  termination message the operator reads when the pod ends, so results arrive without the channel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import sys
+import time
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from kubetune import contract
+
+log = logging.getLogger("kubetune")
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+class KubetuneError(Exception):
+    """A failure the operator can name. Subclasses set the exit code and condition reason."""
+
+    exit_code = contract.EXIT_CRASH
+    reason = "Error"
+
+
+class InvalidSpec(KubetuneError):
+    exit_code = contract.EXIT_INVALID_SPEC
+    reason = "InvalidSpec"
+
+
+class InvalidDataset(KubetuneError):
+    exit_code = contract.EXIT_INVALID_DATASET
+    reason = "InvalidDataset"
+
+
+class StorageError(KubetuneError):
+    exit_code = contract.EXIT_STORAGE
+    reason = "StorageError"
+
+
+class InvalidAdapter(KubetuneError):
+    exit_code = contract.EXIT_INVALID_ADAPTER
+    reason = "InvalidAdapter"
+
+
+class VerificationFailed(KubetuneError):
+    exit_code = contract.EXIT_VERIFICATION_FAILED
+    reason = "VerificationFailed"
+
+
+class Preempted(KubetuneError):
+    exit_code = contract.EXIT_PREEMPTED
+    reason = "Preempted"
+
+
+def load_spec(source: str, model: type[SpecT]) -> SpecT:
+    """Read a spec (JSON or YAML; a whole manifest or a bare spec) from a path or ``-`` (stdin)."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as err:
+        raise InvalidSpec(f"cannot read the spec {source}: {err.strerror}") from err
+    try:
+        doc = yaml.safe_load(text)  # YAML is a superset of JSON
+    except yaml.YAMLError as err:
+        raise InvalidSpec(f"the spec {source} is not valid YAML/JSON: {err}") from err
+    if not isinstance(doc, dict):
+        raise InvalidSpec(f"the spec {source} must be a mapping, got {type(doc).__name__}")
+    if "spec" in doc and "kind" in doc:
+        doc = doc["spec"]
+    try:
+        return model.model_validate(doc)
+    except ValidationError as err:
+        raise InvalidSpec(f"invalid {model.__name__}: {err}") from err
+
+
+class StatusReporter:
+    """Merge-patches ``<kind>/<name>/status`` through the API server with the pod's own token."""
+
+    PLURALS = {"FineTuneJob": "finetunejobs", "MergeJob": "mergejobs"}
+
+    def __init__(self, server: str | None, token_file: Path | None, ca_file: Path | None,
+                 kind: str | None, name: str | None, namespace: str | None, timeout: float = 10.0):
+        self.server, self.token_file, self.ca_file = server, token_file, ca_file
+        self.kind, self.name, self.namespace, self.timeout = kind, name, namespace, timeout
+        self.enabled = bool(server and token_file and kind in self.PLURALS and name and namespace)
+        self._warned = False
+        self.failures = 0
+
+    @classmethod
+    def from_env(cls, env: Any = os.environ) -> StatusReporter:
+        sa_dir = Path(env.get(contract.ENV_SA_DIR, contract.DEFAULT_SA_DIR))
+        server = env.get(contract.ENV_API_SERVER)
+        if not server and env.get("KUBERNETES_SERVICE_HOST"):
+            host = env["KUBERNETES_SERVICE_HOST"]
+            host = f"[{host}]" if ":" in host else host
+            server = f"https://{host}:{env.get('KUBERNETES_SERVICE_PORT', '443')}"
+        token = sa_dir / "token"
+        ca = sa_dir / "ca.crt"
+        return cls(
+            server=server,
+            token_file=token if token.exists() else None,
+            ca_file=ca if ca.exists() else None,
+            kind=env.get(contract.ENV_KIND),
+            name=env.get(contract.ENV_NAME),
+            namespace=env.get(contract.ENV_NAMESPACE) or _read(sa_dir / "namespace"),
+        )
+
+    def url(self) -> str:
+        from kubetune.api import GROUP, VERSION
+
+        plural = self.PLURALS[self.kind or ""]
+        return f"{self.server}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{plural}/{self.name}/status"
+
+    def patch(self, status: dict[str, Any]) -> bool:
+        """Merge-patch a camelCase status fragment. Never raises; returns whether it landed."""
+        if not self.enabled:
+            return False
+        try:
+            token = Path(self.token_file).read_text().strip()  # re-read: projected tokens rotate
+            body = json.dumps({"status": status}).encode()
+            req = urllib.request.Request(self.url(), data=body, method="PATCH", headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/merge-patch+json",
+                "Accept": "application/json",
+            })
+            context = ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else None
+            with urllib.request.urlopen(req, timeout=self.timeout, context=context) as resp:
+                resp.read()
+            return True
+        except (OSError, urllib.error.URLError, ValueError) as err:
+            self.failures += 1
+            if not self._warned:
+                detail = err.read().decode(errors="replace")[:300] if isinstance(err, urllib.error.HTTPError) else ""
+                log.warning("status channel failed (training goes on; results still reach the operator "
+                            "through the termination message): %s %s", err, detail)
+                self._warned = True
+            return False
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+@dataclass
+class PodContext:
+    """Where a container runs: its resource, scratch space, progress channel and termination file."""
+
+    kind: str
+    name: str | None
+    namespace: str | None
+    work_dir: Path
+    reporter: StatusReporter
+    termination_log: Path
+
+    @classmethod
+    def from_env(cls, kind: str, env: Any = os.environ) -> PodContext:
+        work = Path(env.get(contract.ENV_WORK_DIR) or Path.cwd() / ".kubetune-work")
+        work.mkdir(parents=True, exist_ok=True)
+        return cls(
+            kind=kind,
+            name=env.get(contract.ENV_NAME),
+            namespace=env.get(contract.ENV_NAMESPACE),
+            work_dir=work,
+            reporter=StatusReporter.from_env(env),
+            termination_log=Path(env.get(contract.ENV_TERMINATION_LOG, contract.DEFAULT_TERMINATION_LOG)),
+        )
+
+
+def write_termination_message(path: Path, reason: str, message: str, result: dict[str, Any]) -> None:
+    """Write the JSON the operator reads from the pod status; shortened to fit 4096 bytes."""
+    doc: dict[str, Any] = {"reason": reason, "message": message, "result": result}
+    text = json.dumps(doc, separators=(",", ":"))
+    limit = contract.TERMINATION_MESSAGE_LIMIT
+    if len(text.encode()) > limit and result.get("samples"):
+        doc["result"] = {**result, "samples": [
+            {"prompt": s.get("prompt", "")[:80], "output": s.get("output", "")[:160]} for s in result["samples"]
+        ]}
+        text = json.dumps(doc, separators=(",", ":"))
+    if len(text.encode()) > limit:
+        doc = {"reason": reason, "message": message[:1500],
+               "result": {k: v for k, v in result.items() if isinstance(v, str) and len(v) < 512}}
+        text = json.dumps(doc, separators=(",", ":"))
+    if len(text.encode()) > limit:
+        text = json.dumps({"reason": reason, "message": message[:3000]})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as err:  # no termination-log mount (e.g. a local run): the log still has it
+        log.debug("cannot write the termination message to %s: %s", path, err)
+
+
+def run_entry(kind: str, fn: Callable[[PodContext], dict[str, Any]], ctx: PodContext | None = None) -> int:
+    """Run a recipe, report its result or failure, and return the process exit code."""
+    logging.basicConfig(level=os.environ.get("KUBETUNE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx = ctx or PodContext.from_env(kind)
+    started = time.monotonic()
+    try:
+        result = fn(ctx)
+    except KubetuneError as err:
+        log.error("%s: %s", err.reason, err)
+        write_termination_message(ctx.termination_log, err.reason, str(err), {})
+        return err.exit_code
+    except KeyboardInterrupt:
+        write_termination_message(ctx.termination_log, "Interrupted", "interrupted", {})
+        return 130
+    except Exception as err:  # noqa: BLE001 - a crash: keep the traceback in the log
+        traceback.print_exc()
+        message = f"{type(err).__name__}: {err}"
+        write_termination_message(ctx.termination_log, "Crashed", message, {})
+        return contract.EXIT_CRASH
+    ctx.reporter.patch(result)
+    seconds = time.monotonic() - started
+    write_termination_message(ctx.termination_log, "Completed", f"{kind} finished in {seconds:.0f}s", result)
+    return contract.EXIT_OK
