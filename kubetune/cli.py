@@ -31,10 +31,16 @@ def main() -> None:
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write one YAML file per CRD into this folder instead of printing them.")
-def crds(out: Path | None) -> None:
+@click.option("--repo", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Regenerate every generated file of a kubetune checkout (crds/, the chart's CRDs, docs/api.md).")
+def crds(out: Path | None, repo: Path | None) -> None:
     """Print (or write) the CRDs generated from the API models."""
     from kubetune import crdgen
 
+    if repo is not None:
+        for path in crdgen.write_generated(repo):
+            click.echo(f"wrote {path}")
+        return
     if out is None:
         click.echo("---\n".join(crdgen.render().values()), nl=False)
         return
@@ -89,3 +95,7 @@ for _module, _attr in (
     ("kubetune_trainer.cli", "run"),
 ):
     _register_optional(_module, _attr)
+
+
+if __name__ == "__main__":
+    main()

