@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,6 +80,16 @@ def smollm2_dir() -> Path:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
     """A tiny random Llama (hidden 64, 2 layers) with SmolLM2's tokenizer."""
     return localenv.tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Any]:
+    """One real local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok
+    GPU nodes; see hack/cluster.py) shared by every test of the session that asks for it."""
+    import cluster as cluster_mod
+
+    with cluster_mod.LocalCluster.start() as running:
+        yield running
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,0 +1,128 @@
+"""The generated CRDs against a real kube-apiserver: accepted, defaults applied, bad manifests
+rejected with a clear message by `kubectl apply`, the spec immutable except `suspend`, and
+`kubectl explain` / printer columns useful."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from manifests import minimal_ftj, minimal_mj, with_change
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Kubectl:
+    def __init__(self, kubeconfig: Path, namespace: str):
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        self.namespace = namespace
+
+    def __call__(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(["kubectl", "-n", self.namespace, *args], input=stdin, capture_output=True, text=True,
+                             env=self.env, timeout=60)
+        if check and out.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{out.stderr}")
+        return out
+
+    def apply(self, doc: dict[str, Any], check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self("apply", "-f", "-", stdin=yaml.safe_dump(doc), check=check)
+
+
+@pytest.fixture(scope="module")
+def kubectl(cluster: Any) -> Kubectl:
+    ns = f"crd-{uuid.uuid4().hex[:6]}"
+    k = Kubectl(cluster.kubeconfig, ns)
+    k("apply", "-f", str(REPO / "crds"))
+    for crd in ("finetunejobs.kubetune.dev", "mergejobs.kubetune.dev"):
+        k("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+    k("create", "namespace", ns)
+    return k
+
+
+def named(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    doc = copy.deepcopy(doc)
+    doc["metadata"]["name"] = name
+    return doc
+
+
+def test_crds_are_accepted_and_apply_defaults(kubectl: Kubectl) -> None:
+    kubectl.apply(named(minimal_ftj(), "defaults"))
+    got = json.loads(kubectl("get", "ftj", "defaults", "-o", "json").stdout)
+    spec = got["spec"]
+    assert spec["quantization"] == {"bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "bfloat16"}
+    assert spec["lora"]["r"] == 16 and spec["lora"]["targetModules"] == ["all-linear"]
+    assert spec["training"]["packing"] == "bfd" and spec["resources"]["gpus"] == 1
+    kubectl.apply(named(minimal_mj(), "merge-defaults"))
+    merged = json.loads(kubectl("get", "mj", "merge-defaults", "-o", "json").stdout)
+    assert merged["spec"]["resources"]["gpus"] == 0 and merged["spec"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        ("quantization", {"type": "int4"}, 'Unsupported value: "int4"'),
+        ("lora", {"r": 0}, "should be greater than 0"),
+        ("model", {"name": "a/b", "uri": "s3://models/x"}, "set exactly one of model.name and model.uri"),
+        ("training", {"maxSteps": 5, "epochs": 1}, "set exactly one of training.maxSteps and training.epochs"),
+        ("dataset", {"source": "jsonl", "uri": "x", "eval": {"split": "t", "fraction": 0.5}},
+         "set exactly one of dataset.eval.split and dataset.eval.fraction"),
+        ("dataset", {"source": "jsonl", "uri": "x", "format": "template"}, "dataset.template is required"),
+        ("output", {"uri": "/tmp/out"}, "spec.output.uri: Invalid value"),
+        ("storage", {"accessKeyId": "AKIA", "secretAccessKey": "x"}, 'unknown field "spec.storage.accessKeyId"'),
+        ("tracking", {"wandb": {"project": "p"}}, "tracking.wandb.secretRef (the API key) is required"),
+    ],
+)
+def test_bad_manifests_are_rejected_with_a_clear_message(kubectl: Kubectl, path: str, value: Any,
+                                                          message: str) -> None:
+    doc = named(with_change(minimal_ftj(), path, value), f"bad-{uuid.uuid4().hex[:6]}")
+    out = kubectl.apply(doc, check=False)
+    assert out.returncode != 0, f"accepted a bad manifest ({path}={value})"
+    assert message in out.stderr, out.stderr
+    assert kubectl("get", "ftj", doc["metadata"]["name"], check=False).returncode != 0
+
+
+def test_spec_is_immutable_except_suspend(kubectl: Kubectl) -> None:
+    kubectl.apply(named(minimal_ftj(), "immutable"))
+    changed = with_change(named(minimal_ftj(), "immutable"), "lora", {"r": 64})
+    out = kubectl.apply(changed, check=False)
+    assert out.returncode != 0 and "spec is immutable after creation (only spec.suspend may change)" in out.stderr
+    added = with_change(named(minimal_ftj(), "immutable"), "queueName", "team-a")  # adding a field counts too
+    assert kubectl.apply(added, check=False).returncode != 0
+    kubectl.apply(with_change(named(minimal_ftj(), "immutable"), "suspend", True))
+    got = json.loads(kubectl("get", "ftj", "immutable", "-o", "json").stdout)
+    assert got["spec"]["suspend"] is True
+
+
+def test_mergejob_spec_is_immutable(kubectl: Kubectl) -> None:
+    kubectl.apply(named(minimal_mj(), "merge-immutable"))
+    out = kubectl.apply(with_change(named(minimal_mj(), "merge-immutable"), "dtype", "float32"), check=False)
+    assert out.returncode != 0 and "spec is immutable" in out.stderr
+
+
+def test_explain_and_printer_columns(kubectl: Kubectl) -> None:
+    explain = kubectl("explain", "finetunejob.spec.lora.r").stdout
+    assert "Rank of the update matrices" in explain
+    kubectl.apply(named(minimal_ftj(), "columns"))
+    kubectl("patch", "ftj", "columns", "--subresource=status", "--type=merge", "-p",
+            json.dumps({"status": {"phase": "Running", "progress": {"percent": 42, "loss": 1.25, "eta": "3m"}}}))
+    table = kubectl("get", "ftj", "columns").stdout.splitlines()
+    assert table[0].split() == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "ETA", "AGE"]
+    assert table[1].split()[:6] == ["columns", "Running", "HuggingFaceTB/SmolLM2-135M-Instruct", "42", "1.25", "3m"]
+    assert "columns" in kubectl("get", "kubetune").stdout  # the category
+    assert "columns" in kubectl("get", "ftj").stdout  # the short name
+
+
+def test_status_schema_prunes_unknown_fields(kubectl: Kubectl) -> None:
+    kubectl.apply(named(minimal_ftj(), "pruned"))
+    kubectl("patch", "ftj", "pruned", "--subresource=status", "--type=merge", "-p",
+            json.dumps({"status": {"phase": "Pending", "kopf": {"progress": {}}}}))
+    status = json.loads(kubectl("get", "ftj", "pruned", "-o", "json").stdout)["status"]
+    assert status == {"phase": "Pending"}
