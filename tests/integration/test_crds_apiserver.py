@@ -37,12 +37,9 @@ class Kubectl:
 
 
 @pytest.fixture(scope="module")
-def kubectl(cluster: Any) -> Kubectl:
+def kubectl(crds_installed: Any) -> Kubectl:
     ns = f"crd-{uuid.uuid4().hex[:6]}"
-    k = Kubectl(cluster.kubeconfig, ns)
-    k("apply", "-f", str(REPO / "crds"))
-    for crd in ("finetunejobs.kubetune.dev", "mergejobs.kubetune.dev"):
-        k("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+    k = Kubectl(crds_installed.kubeconfig, ns)
     k("create", "namespace", ns)
     return k
 
