@@ -21,8 +21,8 @@ install: $(VENV)/.installed system-deps ## create .venv and install kubetune wit
 system-deps: ## Debian packages the tests use (lua5.4 runs the Argo CD health checks)
 	@command -v lua5.4 >/dev/null || { echo "installing lua5.4 (apt)"; (apt-get update -qq && apt-get install -y -qq lua5.4) >/dev/null; }
 
-cluster-build: install ## build the local control plane (kube-apiserver, controller-manager, scheduler, kwok, etcd) once, cached
-	$(PY) hack/cluster.py build
+cluster-build: ## build the local control plane (kube-apiserver, controller-manager, scheduler, kwok, etcd) once, cached
+	python3 hack/cluster.py build
 
 test: install cluster-build ## all tests: unit, integration (real apiserver + S3), e2e, slow (SmolLM2)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -44,7 +44,7 @@ cluster-up: install cluster-build ## start the local control plane in the backgr
 	$(PY) hack/cluster.py up
 
 cluster-down: ## stop it
-	$(PY) hack/cluster.py down
+	python3 hack/cluster.py down
 
 bench: install cluster-build ## benchmarks; results go to docs/benchmarks.md
 	$(PY) bench/trainer.py --write docs/benchmarks.md

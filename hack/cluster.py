@@ -29,9 +29,12 @@ Python API (pytest fixtures)::
 
 Topology: etcd, kube-apiserver (authz Node,RBAC; service-account issuer and
 signing key; client-cert auth with a generated CA), kube-controller-manager
-(``--use-service-account-credentials``, all default controllers except
-``node-lifecycle-controller``), kube-scheduler, and kwok, all on 127.0.0.1
-with random free ports and a temp run dir.
+(``--use-service-account-credentials``; the controllers in ``KCM_CONTROLLERS``:
+job, cronjob, garbage-collector, ttl-after-finished, namespace, serviceaccount(-token),
+root-ca publisher, clusterrole-aggregation, replicaset, deployment, statefulset,
+daemonset, pod-gc, endpoints(lice), resourcequota, disruption — NOT node-lifecycle),
+kube-scheduler, and kwok, all on 127.0.0.1 with random free ports and a temp run
+dir (``/tmp/kubetune-k8s-*``; logs in ``<run dir>/logs/<component>.log``).
 
 Nodes: ``gpu-node-1``/``gpu-node-2`` (8x ``nvidia.com/gpu``) and
 ``cpu-node-1`` are fake nodes managed by kwok (annotation
@@ -70,14 +73,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 HACK_DIR = Path(__file__).resolve().parent
 REPO_ROOT = HACK_DIR.parent
 WRAPPER_DIR = HACK_DIR / "k8s"
 
-K8S_VERSION = os.environ.get("KUBETUNE_K8S_VERSION", "v1.34.4")
+PINNED_K8S_VERSION = "v1.34.4"  # what hack/k8s/go.mod is generated for
+K8S_VERSION = os.environ.get("KUBETUNE_K8S_VERSION", PINNED_K8S_VERSION)
 KWOK_VERSION = os.environ.get("KUBETUNE_KWOK_VERSION", "v0.8.0")
 KWOK_PKG = "sigs.k8s.io/kwok/cmd/kwok"
 ETCD_PKG = "go.etcd.io/etcd/server/v3"  # the etcd server main package
@@ -85,6 +90,28 @@ KUBE_CMDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 BINARIES = ("etcd",) + KUBE_CMDS + ("kwok",)
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
+# Controllers the tests/operator need (fewer controllers = faster start; node-lifecycle is
+# deliberately absent, see the module docstring).
+KCM_CONTROLLERS = (
+    "job-controller",
+    "cronjob-controller",
+    "garbage-collector-controller",
+    "ttl-after-finished-controller",
+    "namespace-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "root-ca-certificate-publisher-controller",
+    "clusterrole-aggregation-controller",
+    "replicaset-controller",
+    "deployment-controller",
+    "statefulset-controller",
+    "daemonset-controller",
+    "pod-garbage-collector-controller",
+    "endpoints-controller",
+    "endpointslice-controller",
+    "resourcequota-controller",
+    "disruption-controller",
+)
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 RUNNER_NODE = "runner-node"
 RUNNER_LABEL = "kubetune.dev/runner"
@@ -146,7 +173,10 @@ def _go_env(mod_mode: str) -> dict[str, str]:
         GOPROXY=proxy,
         # sum.golang.org is reached through the proxy (/sumdb/...), so only the proxy is needed.
         GOSUMDB=os.environ.get("GOSUMDB", "sum.golang.org"),
-        GONOSUMDB="", GONOSUMCHECK="", GOPRIVATE="", GONOPROXY="",
+        GONOSUMDB="",
+        GONOSUMCHECK="",
+        GOPRIVATE="",
+        GONOPROXY="",
         # local toolchain if new enough, otherwise go fetches the one go.mod asks for
         # (golang.org/toolchain through the proxy). Override e.g. KUBETUNE_GOTOOLCHAIN=go1.24.9
         GOTOOLCHAIN=os.environ.get("KUBETUNE_GOTOOLCHAIN", "auto"),
@@ -164,8 +194,9 @@ def _run_go(args: list[str], env: dict[str, str], cwd: Path, what: str, total: i
     """Run go, streaming progress: ``go build -v`` prints each package it compiles."""
     _log(f"{what}: go {' '.join(a if len(a) < 80 else a[:77] + '...' for a in args)}")
     t0 = time.monotonic()
-    proc = subprocess.Popen([_go_binary(), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [_go_binary(), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     out: list[str] = []
     assert proc.stdout is not None
     last, n = 0.0, 0
@@ -194,8 +225,9 @@ def _run_go(args: list[str], env: dict[str, str], cwd: Path, what: str, total: i
 
 def _count_deps(pkgs: list[str], env: dict[str, str], cwd: Path) -> int:
     try:
-        r = subprocess.run([_go_binary(), "list", "-deps", *pkgs], cwd=cwd, env=env, capture_output=True,
-                           text=True, timeout=600)
+        r = subprocess.run(
+            [_go_binary(), "list", "-deps", *pkgs], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        )
         return len(r.stdout.split()) if r.returncode == 0 else 0
     except (OSError, subprocess.SubprocessError):
         return 0
@@ -210,9 +242,16 @@ def generate_wrapper_module(version: str = K8S_VERSION, directory: Path = WRAPPE
     """
     env = _go_env("mod")
     directory.mkdir(parents=True, exist_ok=True)
-    info = json.loads(subprocess.run(
-        [_go_binary(), "mod", "download", "-json", f"k8s.io/kubernetes@{version}"],
-        cwd=tempfile.gettempdir(), env=env, check=True, capture_output=True, text=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            [_go_binary(), "mod", "download", "-json", f"k8s.io/kubernetes@{version}"],
+            cwd=tempfile.gettempdir(),
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     gomod = Path(info["GoMod"]).read_text()
     staging = sorted(set(re.findall(r"^\s*(k8s\.io/[\w.-]+)\s*=>\s*\./staging/", gomod, re.M)))
     if not staging:
@@ -225,45 +264,113 @@ def generate_wrapper_module(version: str = K8S_VERSION, directory: Path = WRAPPE
         "// Code generated by `python hack/cluster.py build --regen`; DO NOT EDIT.",
         "// Wrapper module: builds kube-apiserver/controller-manager/scheduler and etcd",
         f"// from k8s.io/kubernetes {version} using only the Go module proxy.",
-        "module kubetune.dev/hack/k8s", "", f"go {gover}", "",
-        "require (", f"\tk8s.io/kubernetes {version}", f"\tgo.etcd.io/etcd/server/v3 {etcd_version}", ")", "",
+        "module kubetune.dev/hack/k8s",
+        "",
+        f"go {gover}",
+        "",
+        "require (",
+        f"\tk8s.io/kubernetes {version}",
+        f"\tgo.etcd.io/etcd/server/v3 {etcd_version}",
+        ")",
+        "",
         "replace (",
         *[f"\t{mod} => {mod} {staging_version}" for mod in staging],
-        ")", "",
-        "tool (", *[f"\tk8s.io/kubernetes/cmd/{c}" for c in KUBE_CMDS], f"\t{ETCD_PKG}", ")", "",
+        ")",
+        "",
+        "tool (",
+        *[f"\tk8s.io/kubernetes/cmd/{c}" for c in KUBE_CMDS],
+        f"\t{ETCD_PKG}",
+        ")",
+        "",
     ]
     (directory / "go.mod").write_text("\n".join(lines))
     (directory / "go.sum").unlink(missing_ok=True)
     _log(f"wrote {directory / 'go.mod'} ({len(staging)} staging replaces, etcd {etcd_version})")
 
 
+KWOK_STAGE_FILES = (
+    "node/fast/node-initialize.yaml",
+    "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+    "pod/fast/pod-ready.yaml",
+    "pod/fast/pod-complete.yaml",
+    "pod/fast/pod-delete.yaml",
+)
+KWOK_STAGES = WRAPPER_DIR / "kwok-stages.yaml"
+
+
+def generate_kwok_stages(out: Path = KWOK_STAGES) -> None:
+    """kwok needs its Stage objects from a config file; take kwokctl's defaults
+    (node-fast + node-heartbeat-with-lease + pod-fast) from the kwok module."""
+    env = _go_env("mod")
+    info = json.loads(
+        subprocess.run(
+            [_go_binary(), "mod", "download", "-json", f"sigs.k8s.io/kwok@{KWOK_VERSION}"],
+            cwd=tempfile.gettempdir(),
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    base = Path(info["Dir"]) / "kustomize" / "stage"
+    docs = [
+        f"# Code generated by `python hack/cluster.py build --regen` from sigs.k8s.io/kwok@{KWOK_VERSION}\n"
+        f"# kustomize/stage/{{{','.join(KWOK_STAGE_FILES)}}} (Apache-2.0); DO NOT EDIT.\n"
+    ]
+    out.write_text(docs[0] + "---\n".join((base / f).read_text().strip() + "\n" for f in KWOK_STAGE_FILES))
+
+
 def _version_ldflags(version: str) -> str:
     major, minor = version.lstrip("v").split(".")[:2]
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    date = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     flags = ["-s", "-w"]
     for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
-        flags += [f"-X {pkg}.gitVersion={version}", f"-X {pkg}.gitMajor={major}",
-                  f"-X {pkg}.gitMinor={minor}", f"-X {pkg}.gitTreeState=clean",
-                  f"-X {pkg}.buildDate={date}"]
+        flags += [
+            f"-X {pkg}.gitVersion={version}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+            f"-X {pkg}.buildDate={date}",
+        ]
     return " ".join(flags)
 
 
 def build(version: str = K8S_VERSION, regen: bool = False, force: bool = False) -> Path:
-    """Build the binaries into the cache; a no-op when they are already there."""
+    """Build the binaries into the cache; a no-op when they are already there.
+
+    Concurrent callers (pytest + make) serialize on a lock file; the second one
+    finds the binaries built.
+    """
     out = bin_dir(version)
     if not force and not regen and is_built(version):
         return out
+    out.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(out.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and not regen and is_built(version):
+            return out
+        return _build_locked(version, regen, force, out)
+
+
+def _system_etcd() -> str | None:
+    for cand in (shutil.which("etcd"), "/usr/bin/etcd", "/usr/sbin/etcd"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def _build_locked(version: str, regen: bool, force: bool, out: Path) -> Path:
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     (out / ".complete").unlink(missing_ok=True)
-    pinned = version == "v1.34.4" and (WRAPPER_DIR / "go.sum").exists()
-    wrapper = WRAPPER_DIR
-    if regen or not pinned:
-        if not regen and version != "v1.34.4":
-            # a different version than the checked-in wrapper: generate one in the cache
-            wrapper = cache_dir() / f"k8s-{version}" / "wrapper"
+    # the checked-in wrapper (go.mod + go.sum) is for PINNED_K8S_VERSION; another version
+    # gets a generated wrapper module in the cache
+    wrapper = WRAPPER_DIR if version == PINNED_K8S_VERSION else cache_dir() / f"k8s-{version}" / "wrapper"
+    if regen or not (wrapper / "go.sum").exists():
         generate_wrapper_module(version, wrapper)
-        mod_mode = "mod"
+        mod_mode = "mod"  # lets go fill go.sum (and the indirect requirements)
     else:
         mod_mode = "readonly"
     env = _go_env(mod_mode)
@@ -273,9 +380,18 @@ def build(version: str = K8S_VERSION, regen: bool = False, force: bool = False) 
         tmp.mkdir(exist_ok=True)
         pkgs = [f"k8s.io/kubernetes/cmd/{c}" for c in KUBE_CMDS] + [ETCD_PKG]
         total = _count_deps(pkgs, env, wrapper)
-        _run_go(["build", "-v", "-p", jobs, "-trimpath", "-ldflags", _version_ldflags(version),
-                 "-o", str(tmp) + "/", *pkgs], env, wrapper, f"build kubernetes {version} + etcd", total)
-        os.replace(tmp / "server", out / "etcd")  # go.etcd.io/etcd/server/v3 -> "server"
+        args = ["build", "-v", "-p", jobs, "-trimpath", "-ldflags", _version_ldflags(version), "-o", str(tmp) + "/"]
+        try:
+            _run_go([*args, *pkgs], env, wrapper, f"build kubernetes {version} + etcd", total)
+            os.replace(tmp / "server", out / "etcd")  # go.etcd.io/etcd/server/v3 -> "server"
+        except BuildError as e:
+            # fallback: kube binaries only + Debian's etcd (apt-get install etcd-server)
+            etcd = _system_etcd()
+            if etcd is None:
+                raise
+            _log(f"building etcd failed, using {etcd} instead ({str(e).splitlines()[0]})")
+            _run_go([*args, *pkgs[:-1]], env, wrapper, f"build kubernetes {version}", total)
+            shutil.copy2(etcd, out / "etcd")
         for c in KUBE_CMDS:
             os.replace(tmp / c, out / c)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -283,8 +399,14 @@ def build(version: str = K8S_VERSION, regen: bool = False, force: bool = False) 
         kenv = _go_env("readonly")
         kenv["GOBIN"] = str(out)
         kenv["GOFLAGS"] = "-buildvcs=false"
-        _run_go(["install", "-v", "-p", jobs, "-trimpath", "-ldflags", "-s -w", f"{KWOK_PKG}@{KWOK_VERSION}"],
-                kenv, Path(tempfile.gettempdir()), f"install kwok {KWOK_VERSION}")
+        _run_go(
+            ["install", "-v", "-p", jobs, "-trimpath", "-ldflags", "-s -w", f"{KWOK_PKG}@{KWOK_VERSION}"],
+            kenv,
+            Path(tempfile.gettempdir()),
+            f"install kwok {KWOK_VERSION}",
+        )
+    if (regen and version == PINNED_K8S_VERSION) or not KWOK_STAGES.exists():
+        generate_kwok_stages()
     ver = subprocess.run([str(out / "kube-apiserver"), "--version"], capture_output=True, text=True).stdout.strip()
     if version not in ver:
         raise BuildError(f"kube-apiserver --version printed {ver!r}, expected {version}")
@@ -304,11 +426,28 @@ def _make_pki(pki: Path) -> None:
     """CA, apiserver serving cert, client certs, service-account signing key (all ECDSA P-256)."""
     pki.mkdir(parents=True, exist_ok=True)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650",
-             "-subj", "/CN=kubetune-local-ca", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", cwd=pki)
-    san = ("subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
-           "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local")
+    _openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=kubetune-local-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        cwd=pki,
+    )
+    san = (
+        "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
+        "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    )
     certs = {
         "apiserver": ("/CN=kube-apiserver", f"{san}\nextendedKeyUsage=serverAuth\n"),
         "admin": ("/O=system:masters/CN=kubetune-admin", "extendedKeyUsage=clientAuth\n"),
@@ -316,10 +455,29 @@ def _make_pki(pki: Path) -> None:
         "scheduler": ("/CN=system:kube-scheduler", "extendedKeyUsage=clientAuth\n"),
     }
     for name, (subj, ext) in certs.items():
-        (pki / f"{name}.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n" + ext)
+        (pki / f"{name}.ext").write_text(
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n" + ext
+        )
         _openssl("req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subj, cwd=pki)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "3650", "-sha256", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=pki)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-sha256",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.crt",
+            cwd=pki,
+        )
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sa.key", cwd=pki)
     _openssl("ec", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
@@ -348,6 +506,7 @@ class ComponentError(RuntimeError):
         self.component = component
         self.log_tail = log_tail
         self.run_dir: Path | None = None
+        self.processes: dict[str, dict] = {}  # what had been started (all stopped again)
         msg = f"{component} failed to start: {reason}"
         if log_tail:
             msg += f"\n--- last lines of {component} log ---\n{log_tail}"
@@ -428,8 +587,14 @@ class ApiError(RuntimeError):
         super().__init__(f"{method} {path} -> {status}: {body[:500]}")
 
 
-def _http(url: str, ctx: ssl.SSLContext | None = None, method: str = "GET", body: Any = None,
-          headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, str]:
+def _http(
+    url: str,
+    ctx: ssl.SSLContext | None = None,
+    method: str = "GET",
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, str]:
     data = None
     hdrs = {"Accept": "application/json"}
     if body is not None:
@@ -453,51 +618,97 @@ def _insecure_ctx() -> ssl.SSLContext:
 
 # --------------------------------------------------------------------------- nodes
 def _gpu_node(name: str) -> dict:
-    return _node(name, cpu="32", memory="256Gi", gpus=8, kwok=True,
-                 labels={"nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": "8",
-                         "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
-                         "node.kubernetes.io/instance-type": "kwok-gpu-8x"})
+    return _node(
+        name,
+        cpu="32",
+        memory="256Gi",
+        gpus=8,
+        kwok=True,
+        labels={
+            "nvidia.com/gpu.present": "true",
+            "nvidia.com/gpu.count": "8",
+            "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+            "node.kubernetes.io/instance-type": "kwok-gpu-8x",
+        },
+    )
 
 
-def _node(name: str, cpu: str, memory: str, gpus: int, kwok: bool, labels: dict[str, str],
-          taints: list[dict] | None = None) -> dict:
+def _node(
+    name: str, cpu: str, memory: str, gpus: int, kwok: bool, labels: dict[str, str], taints: list[dict] | None = None
+) -> dict:
     cap = {"cpu": cpu, "memory": memory, "pods": "110", "ephemeral-storage": "1Ti"}
     if gpus:
         cap["nvidia.com/gpu"] = str(gpus)
-    all_labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
-                  "type": "kwok" if kwok else "runner", **labels}
+    all_labels = {
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        "type": "kwok" if kwok else "runner",
+        **labels,
+    }
     node: dict = {
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "labels": all_labels,
-                     "annotations": {KWOK_ANNOTATION: "fake"} if kwok else {"kubetune.dev/managed-by": "podrunner"}},
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": all_labels,
+            "annotations": {KWOK_ANNOTATION: "fake"} if kwok else {"kubetune.dev/managed-by": "podrunner"},
+        },
         "spec": {"taints": taints} if taints else {},
-        "status": {"capacity": cap, "allocatable": dict(cap),
-                   "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux",
-                                "kubeletVersion": "kwok" if kwok else "kubetune-podrunner"}},
+        "status": {
+            "capacity": cap,
+            "allocatable": dict(cap),
+            "nodeInfo": {
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "kubeletVersion": "kwok" if kwok else "kubetune-podrunner",
+            },
+        },
     }
     if not kwok:
         now = _now()
-        node["status"]["addresses"] = [{"type": "InternalIP", "address": "127.0.0.1"},
-                                       {"type": "Hostname", "address": name}]
-        node["status"]["conditions"] = [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                                         "message": "kubetune pod runner node", "lastHeartbeatTime": now,
-                                         "lastTransitionTime": now}]
+        node["status"]["addresses"] = [
+            {"type": "InternalIP", "address": "127.0.0.1"},
+            {"type": "Hostname", "address": name},
+        ]
+        node["status"]["conditions"] = [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "kubetune pod runner node",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": now,
+            }
+        ]
     return node
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def default_nodes(runner_taints: list[dict] | None = None) -> list[dict]:
     return [
         _gpu_node("gpu-node-1"),
         _gpu_node("gpu-node-2"),
-        _node("cpu-node-1", cpu="16", memory="64Gi", gpus=0, kwok=True,
-              labels={"node.kubernetes.io/instance-type": "kwok-cpu"}),
-        _node(RUNNER_NODE, cpu="16", memory="64Gi", gpus=8, kwok=False,
-              labels={RUNNER_LABEL: "true", "nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": "8"},
-              taints=runner_taints),
+        _node(
+            "cpu-node-1",
+            cpu="16",
+            memory="64Gi",
+            gpus=0,
+            kwok=True,
+            labels={"node.kubernetes.io/instance-type": "kwok-cpu"},
+        ),
+        _node(
+            RUNNER_NODE,
+            cpu="16",
+            memory="64Gi",
+            gpus=8,
+            kwok=False,
+            labels={RUNNER_LABEL: "true", "nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": "8"},
+            taints=runner_taints,
+        ),
     ]
 
 
@@ -505,8 +716,14 @@ def default_nodes(runner_taints: list[dict] | None = None) -> list[dict]:
 class LocalCluster:
     """A running local control plane.  Use :meth:`start` (or :meth:`attach`)."""
 
-    def __init__(self, run_dir: Path, ports: dict[str, int], processes: dict[str, dict],
-                 version: str = K8S_VERSION, owned: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        ports: dict[str, int],
+        processes: dict[str, dict],
+        version: str = K8S_VERSION,
+        owned: bool = True,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.ports = ports
         self.processes = processes  # name -> {"pid", "start_time", "log"}
@@ -514,6 +731,8 @@ class LocalCluster:
         self.owned = owned
         self._popen: dict[str, subprocess.Popen] = {}
         self._stopped = False
+        self.timings: dict[str, float] = {}  # startup phase -> seconds
+        self._background = False
 
     # -- well-known paths
     @property
@@ -551,14 +770,24 @@ class LocalCluster:
 
     # -- lifecycle
     @classmethod
-    def start(cls, *, version: str = K8S_VERSION, build_if_needed: bool = True, background: bool = False,
-              extra_args: dict[str, list[str]] | None = None, port_overrides: dict[str, int] | None = None,
-              nodes: list[dict] | None = None, runner_taints: list[dict] | None = None,
-              timeout: float = 90.0, keep_run_dir_on_failure: bool = False) -> "LocalCluster":
+    def start(
+        cls,
+        *,
+        version: str = K8S_VERSION,
+        build_if_needed: bool = True,
+        background: bool = False,
+        extra_args: dict[str, list[str]] | None = None,
+        port_overrides: dict[str, int] | None = None,
+        nodes: list[dict] | None = None,
+        runner_taints: list[dict] | None = None,
+        timeout: float = 90.0,
+        keep_run_dir_on_failure: bool = False,
+    ) -> LocalCluster:
         """Start etcd, kube-apiserver, controller-manager, scheduler and kwok; wait until ready.
 
         ``background=True`` (used by ``up``) detaches the components so they outlive this
-        process; otherwise they get SIGTERM if this process dies.  ``extra_args`` /
+        process; otherwise they get SIGTERM (PR_SET_PDEATHSIG) when the thread that called
+        ``start`` exits, so call it from the main thread.  ``extra_args`` /
         ``port_overrides`` are test hooks (keyed by component name).
         Raises :class:`ComponentError` naming the component that failed.
         """
@@ -567,38 +796,90 @@ class LocalCluster:
         elif not is_built(version):
             raise BuildError(f"binaries for {version} not built; run: python hack/cluster.py build")
         t0 = time.monotonic()
+        for attempt in range(3):
+            try:
+                self = cls._start_once(
+                    version,
+                    background,
+                    extra_args or {},
+                    port_overrides or {},
+                    nodes if nodes is not None else default_nodes(runner_taints),
+                    timeout,
+                    keep_run_dir_on_failure,
+                )
+                break
+            except ComponentError as e:
+                # a "free" port can be grabbed by someone else before the component binds it
+                racy = "address already in use" in str(e).lower() and e.component not in (port_overrides or {})
+                if not racy or attempt == 2:
+                    raise
+                _log(f"{e.component}: port taken meanwhile, retrying with new ports")
+        _log(f"cluster ready in {time.monotonic() - t0:.1f}s: {self.server} (KUBECONFIG={self.kubeconfig})")
+        if os.environ.get("KUBETUNE_CLUSTER_DEBUG"):
+            _log(f"startup phases: {json.dumps(self.timings)}")
+        return self
+
+    @classmethod
+    def _start_once(
+        cls,
+        version: str,
+        background: bool,
+        extra_args: dict[str, list[str]],
+        port_overrides: dict[str, int],
+        nodes: list[dict],
+        timeout: float,
+        keep_run_dir_on_failure: bool,
+    ) -> LocalCluster:
         run_dir = Path(tempfile.mkdtemp(prefix="kubetune-k8s-"))
-        ports = {"etcd": free_port(), "etcd-peer": free_port(), "kube-apiserver": free_port(),
-                 "kube-controller-manager": free_port(), "kube-scheduler": free_port(),
-                 "kwok": free_port()}
-        ports.update(port_overrides or {})
+        ports = {
+            "etcd": free_port(),
+            "etcd-peer": free_port(),
+            "kube-apiserver": free_port(),
+            "kube-controller-manager": free_port(),
+            "kube-scheduler": free_port(),
+            "kwok": free_port(),
+        }
+        ports.update(port_overrides)
         self = cls(run_dir, ports, {}, version=version)
         self._background = background
         try:
-            self._start(extra_args or {}, nodes if nodes is not None else default_nodes(runner_taints),
-                        time.monotonic() + timeout)
+            self._start(extra_args, nodes, time.monotonic() + timeout)
         except BaseException as e:
             self.stop(remove_run_dir=not keep_run_dir_on_failure)
             if isinstance(e, ComponentError):
                 e.run_dir = run_dir
+                e.processes = dict(self.processes)
             raise
-        _log(f"cluster ready in {time.monotonic() - t0:.1f}s: {self.server} (KUBECONFIG={self.kubeconfig})")
         return self
 
     def _spawn(self, name: str, args: list[str], extra: dict[str, list[str]]) -> subprocess.Popen:
         exe = bin_dir(self.version) / name
         log = self.log_file(name)
         log.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(exe, os.X_OK):
+            raise ComponentError(name, f"binary {exe} missing; run: python hack/cluster.py build")
         with open(log, "ab") as lf:
-            p = subprocess.Popen([str(exe), *args, *extra.get(name, [])], cwd=self.run_dir, stdin=subprocess.DEVNULL,
-                                 stdout=lf, stderr=subprocess.STDOUT,
-                                 start_new_session=self._background,
-                                 preexec_fn=None if self._background else _pdeathsig)
+            p = subprocess.Popen(
+                [str(exe), *args, *extra.get(name, [])],
+                cwd=self.run_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=lf,
+                stderr=subprocess.STDOUT,
+                start_new_session=self._background,
+                preexec_fn=None if self._background else _pdeathsig,
+            )
         self._popen[name] = p
         self.processes[name] = {"pid": p.pid, "start_time": _proc_start_time(p.pid), "log": str(log)}
         return p
 
     def _wait(self, name: str, check, deadline: float, what: str) -> None:
+        t0 = time.monotonic()
+        try:
+            self._wait_inner(name, check, deadline, what)
+        finally:
+            self.timings[f"{name}: {what}"] = round(time.monotonic() - t0, 2)
+
+    def _wait_inner(self, name: str, check, deadline: float, what: str) -> None:
         last_err = ""
         while True:
             p = self._popen.get(name)
@@ -611,86 +892,176 @@ class LocalCluster:
             except Exception as e:  # noqa: BLE001 - connection refused etc. while starting
                 last_err = f"{type(e).__name__}: {e}"
             if time.monotonic() > deadline:
-                raise ComponentError(name, f"not ready ({what}) before deadline; last error: {last_err}",
-                                     _tail(self.log_file(name)))
+                raise ComponentError(
+                    name, f"not ready ({what}) before deadline; last error: {last_err}", _tail(self.log_file(name))
+                )
             time.sleep(0.1)
 
     def _start(self, extra: dict[str, list[str]], nodes: list[dict], deadline: float) -> None:
         rd, pki, p = self.run_dir, self.run_dir / "pki", self.ports
+        t0 = time.monotonic()
         _make_pki(pki)
-        self.kubeconfig.write_text(_kubeconfig_text(self.server, self.ca_file, "kubetune-admin", {
-            "client-certificate-data": _b64file(pki / "admin.crt"), "client-key-data": _b64file(pki / "admin.key")}))
+        self.timings["pki"] = round(time.monotonic() - t0, 2)
+        self.kubeconfig.write_text(
+            _kubeconfig_text(
+                self.server,
+                self.ca_file,
+                "kubetune-admin",
+                {
+                    "client-certificate-data": _b64file(pki / "admin.crt"),
+                    "client-key-data": _b64file(pki / "admin.key"),
+                },
+            )
+        )
         for comp in ("controller-manager", "scheduler"):
-            (rd / f"{comp}.kubeconfig").write_text(_kubeconfig_text(self.server, self.ca_file, comp, {
-                "client-certificate": str(pki / f"{comp}.crt"), "client-key": str(pki / f"{comp}.key")}))
+            (rd / f"{comp}.kubeconfig").write_text(
+                _kubeconfig_text(
+                    self.server,
+                    self.ca_file,
+                    comp,
+                    {"client-certificate": str(pki / f"{comp}.crt"), "client-key": str(pki / f"{comp}.key")},
+                )
+            )
 
         # etcd
-        self._spawn("etcd", [
-            "--name=default", f"--data-dir={rd / 'etcd'}",
-            f"--listen-client-urls=http://127.0.0.1:{p['etcd']}", f"--advertise-client-urls=http://127.0.0.1:{p['etcd']}",
-            f"--listen-peer-urls=http://127.0.0.1:{p['etcd-peer']}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{p['etcd-peer']}",
-            f"--initial-cluster=default=http://127.0.0.1:{p['etcd-peer']}",
-            "--unsafe-no-fsync=true", "--log-level=warn", "--quota-backend-bytes=2147483648",
-        ], extra)
+        self._spawn(
+            "etcd",
+            [
+                "--name=kubetune",
+                f"--data-dir={rd / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{p['etcd']}",
+                f"--advertise-client-urls=http://127.0.0.1:{p['etcd']}",
+                f"--listen-peer-urls=http://127.0.0.1:{p['etcd-peer']}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{p['etcd-peer']}",
+                f"--initial-cluster=kubetune=http://127.0.0.1:{p['etcd-peer']}",
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+                "--quota-backend-bytes=2147483648",
+            ],
+            extra,
+        )
         self._wait("etcd", lambda: _http(f"{self.etcd_url}/health", timeout=2)[0] == 200, deadline, "GET /health")
 
         # kube-apiserver
-        self._spawn("kube-apiserver", [
-            f"--etcd-servers={self.etcd_url}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-            f"--secure-port={p['kube-apiserver']}", f"--cert-dir={pki}",
-            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
-            f"--client-ca-file={pki / 'ca.crt'}", "--authorization-mode=Node,RBAC",
-            f"--service-account-issuer={SA_ISSUER}", f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
-            "--disable-admission-plugins=TaintNodesByCondition", "--profiling=false", "--v=0",
-            "--endpoint-reconciler-type=none",
-        ], extra)
+        self._spawn(
+            "kube-apiserver",
+            [
+                f"--etcd-servers={self.etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={p['kube-apiserver']}",
+                f"--cert-dir={pki}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                "--authorization-mode=Node,RBAC",
+                # front-proxy CA published for the delegated authn of kcm/scheduler (no proxy client cert is issued)
+                f"--requestheader-client-ca-file={pki / 'ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--service-account-issuer={SA_ISSUER}",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--allow-privileged=true",
+                "--disable-admission-plugins=TaintNodesByCondition",
+                "--profiling=false",
+                "--v=0",
+                "--endpoint-reconciler-type=none",
+            ],
+            extra,
+        )
         self._wait("kube-apiserver", lambda: self._readyz(), deadline, "GET /readyz")
 
         # controller-manager, scheduler
-        self._spawn("kube-controller-manager", [
-            f"--kubeconfig={rd / 'controller-manager.kubeconfig'}",
-            f"--authentication-kubeconfig={rd / 'controller-manager.kubeconfig'}",
-            f"--authorization-kubeconfig={rd / 'controller-manager.kubeconfig'}",
-            "--bind-address=127.0.0.1", f"--secure-port={p['kube-controller-manager']}",
-            f"--cert-dir={rd / 'kcm-certs'}", "--leader-elect=false", "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
-            f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
-            "--controllers=*,-node-lifecycle-controller", "--profiling=false", "--v=0",
-        ], extra)
-        self._spawn("kube-scheduler", [
-            f"--kubeconfig={rd / 'scheduler.kubeconfig'}",
-            f"--authentication-kubeconfig={rd / 'scheduler.kubeconfig'}",
-            f"--authorization-kubeconfig={rd / 'scheduler.kubeconfig'}",
-            "--bind-address=127.0.0.1", f"--secure-port={p['kube-scheduler']}", f"--cert-dir={rd / 'scheduler-certs'}",
-            "--leader-elect=false", "--profiling=false", "--v=0",
-        ], extra)
+        self._spawn(
+            "kube-controller-manager",
+            [
+                f"--kubeconfig={rd / 'controller-manager.kubeconfig'}",
+                f"--authentication-kubeconfig={rd / 'controller-manager.kubeconfig'}",
+                f"--authorization-kubeconfig={rd / 'controller-manager.kubeconfig'}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={p['kube-controller-manager']}",
+                f"--cert-dir={rd / 'kcm-certs'}",
+                "--leader-elect=false",
+                "--use-service-account-credentials=true",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+                f"--cluster-signing-key-file={pki / 'ca.key'}",
+                f"--controllers={','.join(KCM_CONTROLLERS)}",
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
+                "--profiling=false",
+                "--v=0",
+            ],
+            extra,
+        )
+        self._spawn(
+            "kube-scheduler",
+            [
+                f"--kubeconfig={rd / 'scheduler.kubeconfig'}",
+                f"--authentication-kubeconfig={rd / 'scheduler.kubeconfig'}",
+                f"--authorization-kubeconfig={rd / 'scheduler.kubeconfig'}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={p['kube-scheduler']}",
+                f"--cert-dir={rd / 'scheduler-certs'}",
+                "--leader-elect=false",
+                "--profiling=false",
+                "--v=0",
+            ],
+            extra,
+        )
 
         # nodes first, so kwok finds them right away
         for node in nodes:
-            self._wait("kube-apiserver", lambda n=node: self._create_node(n), deadline, f"create node {node['metadata']['name']}")
+            self._wait(
+                "kube-apiserver",
+                lambda n=node: self._create_node(n),
+                deadline,
+                f"create node {node['metadata']['name']}",
+            )
 
-        self._spawn("kwok", [
-            f"--kubeconfig={self.kubeconfig}", "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-            "--node-ip=127.0.0.1", "--cidr=10.244.0.0/16", f"--server-address=127.0.0.1:{p['kwok']}",
-            "--node-lease-duration-seconds=40",
-        ], extra)
+        self._spawn(
+            "kwok",
+            [
+                f"--kubeconfig={self.kubeconfig}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+                "--node-ip=127.0.0.1",
+                "--cidr=10.244.0.0/16",
+                f"--server-address=127.0.0.1:{p['kwok']}",
+                "--node-lease-duration-seconds=40",
+                f"--config={KWOK_STAGES}",
+            ],
+            extra,
+        )
 
         ins = _insecure_ctx()
         for comp in ("kube-controller-manager", "kube-scheduler"):
-            self._wait(comp, lambda c=comp: _http(f"https://127.0.0.1:{p[c]}/healthz", ins, timeout=2)[0] == 200,
-                       deadline, "GET /healthz")
-        self._wait("kwok", lambda: _http(f"http://127.0.0.1:{p['kwok']}/healthz", timeout=2)[0] == 200,
-                   deadline, "GET /healthz")
+            self._wait(
+                comp,
+                lambda c=comp: _http(f"https://127.0.0.1:{p[c]}/healthz", ins, timeout=2)[0] == 200,
+                deadline,
+                "GET /healthz",
+            )
+        self._wait(
+            "kwok",
+            lambda: _http(f"http://127.0.0.1:{p['kwok']}/healthz", timeout=2)[0] == 200,
+            deadline,
+            "GET /healthz",
+        )
         kwok_nodes = [n["metadata"]["name"] for n in nodes if KWOK_ANNOTATION in n["metadata"].get("annotations", {})]
         self._wait("kwok", lambda: all(self._node_ready(n) for n in kwok_nodes), deadline, "kwok nodes Ready")
         # the serviceaccount controller has run when `default` exists (pods need it for admission)
-        self._wait("kube-controller-manager",
-                   lambda: self.request("GET", "/api/v1/namespaces/default/serviceaccounts/default", ok404=True) is not None,
-                   deadline, "default ServiceAccount created")
+        self._wait(
+            "kube-controller-manager",
+            lambda: self.request("GET", "/api/v1/namespaces/default/serviceaccounts/default", ok404=True) is not None,
+            deadline,
+            "default ServiceAccount created",
+        )
 
     def _readyz(self) -> bool:
         return _http(f"{self.server}/readyz", self.ssl_context(), timeout=2)[0] == 200
@@ -705,8 +1076,10 @@ class LocalCluster:
 
     def _node_ready(self, name: str) -> bool:
         node = self.request("GET", f"/api/v1/nodes/{name}")
-        return any(c.get("type") == "Ready" and c.get("status") == "True"
-                   for c in node.get("status", {}).get("conditions", []) or [])
+        return any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in node.get("status", {}).get("conditions", []) or []
+        )
 
     def stop(self, remove_run_dir: bool = True) -> None:
         """Stop all components (reverse order) and delete the run dir.  Idempotent."""
@@ -725,7 +1098,7 @@ class LocalCluster:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self._stopped = True
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -733,15 +1106,23 @@ class LocalCluster:
 
     # -- state file (for `up` / `down` / attach)
     def to_state(self) -> dict:
-        return {"version": self.version, "run_dir": str(self.run_dir), "server": self.server,
-                "kubeconfig": str(self.kubeconfig), "ca_file": str(self.ca_file), "ports": self.ports,
-                "processes": self.processes}
+        return {
+            "version": self.version,
+            "run_dir": str(self.run_dir),
+            "server": self.server,
+            "kubeconfig": str(self.kubeconfig),
+            "ca_file": str(self.ca_file),
+            "ports": self.ports,
+            "processes": self.processes,
+        }
 
     @classmethod
-    def attach(cls, path: Path | str | None = None) -> "LocalCluster":
+    def attach(cls, path: Path | str | None = None) -> LocalCluster:
         """Handle on the cluster described by the state file written by ``up``."""
         st = json.loads(Path(path or state_file()).read_text())
-        return cls(Path(st["run_dir"]), st["ports"], st["processes"], version=st.get("version", K8S_VERSION), owned=False)
+        return cls(
+            Path(st["run_dir"]), st["ports"], st["processes"], version=st.get("version", K8S_VERSION), owned=False
+        )
 
     def component_status(self) -> dict[str, bool]:
         return {n: _alive(i["pid"], i.get("start_time")) for n, i in self.processes.items()}
@@ -753,8 +1134,15 @@ class LocalCluster:
             ctx.load_cert_chain(str(self.admin_cert), str(self.admin_key))
         return ctx
 
-    def request(self, method: str, path: str, body: Any = None, token: str | None = None,
-                ok404: bool = False, content_type: str | None = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = None,
+        ok404: bool = False,
+        content_type: str | None = None,
+    ) -> Any:
         """Minimal REST call as admin (or as ``token``); returns parsed JSON."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if content_type:
@@ -766,14 +1154,22 @@ class LocalCluster:
             raise ApiError(status, text, method, path)
         return json.loads(text) if text else {}
 
-    def create_token(self, namespace: str, service_account: str, audiences: Iterable[str] | None = None,
-                     expiration_seconds: int = 3600) -> str:
+    def create_token(
+        self,
+        namespace: str,
+        service_account: str,
+        audiences: Iterable[str] | None = None,
+        expiration_seconds: int = 3600,
+    ) -> str:
         """Mint a token for a ServiceAccount via the TokenRequest API."""
         spec: dict = {"expirationSeconds": expiration_seconds}
         if audiences:
             spec["audiences"] = list(audiences)
-        r = self.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
-                         {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
+        r = self.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
+        )
         return r["status"]["token"]
 
     def kubeconfig_for_token(self, token: str, path: Path | str | None = None, name: str = "token-user") -> Path:
@@ -791,28 +1187,45 @@ class LocalCluster:
         """Refresh a node's Ready condition and its kube-node-lease Lease (for the pod runner)."""
         now = _now()
         status = "True" if ready else "False"
-        cond = {"type": "Ready", "status": status, "reason": "KubeletReady" if ready else "KubeletNotReady",
-                "message": "kubetune pod runner", "lastHeartbeatTime": now}
+        cond = {
+            "type": "Ready",
+            "status": status,
+            "reason": "KubeletReady" if ready else "KubeletNotReady",
+            "message": "kubetune pod runner",
+            "lastHeartbeatTime": now,
+        }
         node = self.request("GET", f"/api/v1/nodes/{name}")
         conds = [c for c in node.get("status", {}).get("conditions", []) or [] if c.get("type") != "Ready"]
         old = next((c for c in node.get("status", {}).get("conditions", []) or [] if c.get("type") == "Ready"), None)
         cond["lastTransitionTime"] = old["lastTransitionTime"] if old and old.get("status") == status else now
-        self.request("PATCH", f"/api/v1/nodes/{name}/status", {"status": {"conditions": conds + [cond]}},
-                     content_type="application/merge-patch+json")
-        micro = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                 "metadata": {"name": name, "namespace": "kube-node-lease"},
-                 "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": micro}}
+        self.request(
+            "PATCH",
+            f"/api/v1/nodes/{name}/status",
+            {"status": {"conditions": conds + [cond]}},
+            content_type="application/merge-patch+json",
+        )
+        micro = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": micro},
+        }
         try:
             self.request("POST", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", lease)
         except ApiError as e:
             if e.status != 409:
                 raise
-            self.request("PATCH", f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}",
-                         {"spec": lease["spec"]}, content_type="application/merge-patch+json")
+            self.request(
+                "PATCH",
+                f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}",
+                {"spec": lease["spec"]},
+                content_type="application/merge-patch+json",
+            )
 
-    def kubectl(self, *args: str, token: str | None = None, check: bool = True,
-                timeout: float = 60) -> subprocess.CompletedProcess:
+    def kubectl(
+        self, *args: str, token: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
         """Run kubectl against this cluster (as admin, or as ``token``)."""
         cmd = [shutil.which("kubectl") or "kubectl", f"--kubeconfig={self.kubeconfig}"]
         if token:
@@ -873,8 +1286,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     ok = True
     for name, alive in c.component_status().items():
         ok &= alive
-        print(f"{name:24} pid={c.processes[name]['pid']:<8} {'running' if alive else 'DEAD'}  "
-              f"port={c.ports.get(name, '-')}")
+        print(
+            f"{name:24} pid={c.processes[name]['pid']:<8} {'running' if alive else 'DEAD'}  "
+            f"port={c.ports.get(name, '-')}"
+        )
     try:
         ready = c._readyz()
     except Exception:  # noqa: BLE001

@@ -15,9 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
-
 import cluster as cluster_mod
+import pytest
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +38,11 @@ def wait_for(fn, timeout: float = 30.0, what: str = "condition", interval: float
 def ns(local_cluster):
     name = f"t-{uuid.uuid4().hex[:8]}"
     local_cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
-    wait_for(lambda: local_cluster.request("GET", f"/api/v1/namespaces/{name}/serviceaccounts/default", ok404=True),
-             30, "default ServiceAccount")
+    wait_for(
+        lambda: local_cluster.request("GET", f"/api/v1/namespaces/{name}/serviceaccounts/default", ok404=True),
+        30,
+        "default ServiceAccount",
+    )
     yield name
     local_cluster.request("DELETE", f"/api/v1/namespaces/{name}", ok404=True)
 
@@ -55,8 +57,14 @@ def _gpu_pod_spec(gpus: int, restart: str = "Never") -> dict:
     return {
         "restartPolicy": restart,
         "nodeSelector": {"type": "kwok"},
-        "containers": [{"name": "main", "image": "busybox", "command": ["true"],
-                        "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}],
+        "containers": [
+            {
+                "name": "main",
+                "image": "busybox",
+                "command": ["true"],
+                "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+            }
+        ],
     }
 
 
@@ -103,9 +111,12 @@ def test_node_layout(local_cluster):
 # ----------------------------------------------------------------------------- controllers
 def test_job_pod_scheduled_on_kwok_gpu_node_and_completes(local_cluster, ns):
     c = local_cluster
-    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "gpu-job"},
-           "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 600,
-                    "template": {"spec": _gpu_pod_spec(1)}}}
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "gpu-job"},
+        "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 600, "template": {"spec": _gpu_pod_spec(1)}},
+    }
     c.request("POST", f"/apis/batch/v1/namespaces/{ns}/jobs", job)
 
     def pod():
@@ -130,9 +141,14 @@ def test_scheduler_refuses_16_gpus(local_cluster, ns):
 
     def unschedulable():
         p = c.request("GET", f"/api/v1/namespaces/{ns}/pods/too-big")
-        return next((x for x in p["status"].get("conditions", [])
-                     if x["type"] == "PodScheduled" and x["status"] == "False"
-                     and x.get("reason") == "Unschedulable"), None)
+        return next(
+            (
+                x
+                for x in p["status"].get("conditions", [])
+                if x["type"] == "PodScheduled" and x["status"] == "False" and x.get("reason") == "Unschedulable"
+            ),
+            None,
+        )
 
     cond = wait_for(unschedulable, 30, "PodScheduled=False/Unschedulable")
     assert "nvidia.com/gpu" in cond.get("message", "")
@@ -141,13 +157,24 @@ def test_scheduler_refuses_16_gpus(local_cluster, ns):
 def test_garbage_collector_deletes_dependents(local_cluster, ns):
     c = local_cluster
     owner = c.request("POST", f"/api/v1/namespaces/{ns}/configmaps", {"metadata": {"name": "owner"}})
-    c.request("POST", f"/api/v1/namespaces/{ns}/configmaps", {"metadata": {
-        "name": "dependent",
-        "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
-                             "uid": owner["metadata"]["uid"]}]}})
+    c.request(
+        "POST",
+        f"/api/v1/namespaces/{ns}/configmaps",
+        {
+            "metadata": {
+                "name": "dependent",
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"]}
+                ],
+            }
+        },
+    )
     c.request("DELETE", f"/api/v1/namespaces/{ns}/configmaps/owner")
-    wait_for(lambda: c.request("GET", f"/api/v1/namespaces/{ns}/configmaps/dependent", ok404=True) is None,
-             30, "dependent garbage-collected")
+    wait_for(
+        lambda: c.request("GET", f"/api/v1/namespaces/{ns}/configmaps/dependent", ok404=True) is None,
+        30,
+        "dependent garbage-collected",
+    )
 
 
 # ----------------------------------------------------------------------------- authn / authz
@@ -161,9 +188,21 @@ def test_rbac_enforced_for_service_account_token(local_cluster, ns):
     r = subprocess.run(["kubectl", f"--kubeconfig={kc}", "-n", ns, "get", "pods"], capture_output=True, text=True)
     assert r.returncode != 0 and "forbidden" in r.stderr.lower(), r.stderr
     assert f"system:serviceaccount:{ns}:nobody" in r.stderr
-    r = subprocess.run(["kubectl", f"--server={c.server}", f"--certificate-authority={c.ca_file}",
-                        f"--token={token}", "--kubeconfig=/dev/null", "-n", ns, "get", "secrets"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "kubectl",
+            f"--server={c.server}",
+            f"--certificate-authority={c.ca_file}",
+            f"--token={token}",
+            "--kubeconfig=/dev/null",
+            "-n",
+            ns,
+            "get",
+            "secrets",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "forbidden" in r.stderr.lower(), r.stderr
     with pytest.raises(cluster_mod.ApiError) as ei:
         c.request("GET", f"/api/v1/namespaces/{ns}/configmaps", token=token)
@@ -173,34 +212,41 @@ def test_rbac_enforced_for_service_account_token(local_cluster, ns):
     assert ei.value.status == 401
 
     # granting a Role makes the same token work: authentication is fine, authorization decides
-    c.request("POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles", {
-        "metadata": {"name": "read-cm"},
-        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}]})
-    c.request("POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings", {
-        "metadata": {"name": "read-cm"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-cm"},
-        "subjects": [{"kind": "ServiceAccount", "name": "nobody", "namespace": ns}]})
-    wait_for(lambda: subprocess.run(["kubectl", f"--kubeconfig={kc}", "-n", ns, "get", "configmaps"],
-                                    capture_output=True).returncode == 0, 10, "RBAC grant effective")
+    c.request(
+        "POST",
+        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
+        {
+            "metadata": {"name": "read-cm"},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}],
+        },
+    )
+    c.request(
+        "POST",
+        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
+        {
+            "metadata": {"name": "read-cm"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-cm"},
+            "subjects": [{"kind": "ServiceAccount", "name": "nobody", "namespace": ns}],
+        },
+    )
+    wait_for(
+        lambda: (
+            subprocess.run(
+                ["kubectl", f"--kubeconfig={kc}", "-n", ns, "get", "configmaps"], capture_output=True
+            ).returncode
+            == 0
+        ),
+        10,
+        "RBAC grant effective",
+    )
 
 
 # ----------------------------------------------------------------------------- failures / cleanup
-def _our_processes() -> set[int]:
-    """pids of processes running binaries from the kubetune binary cache."""
-    bdir = str(cluster_mod.bin_dir())
-    pids = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if os.readlink(d / "exe").startswith(bdir):
-                    pids.add(int(d.name))
-            except OSError:
-                pass
-    return pids
+def _alive(info: dict) -> bool:
+    return cluster_mod._alive(info["pid"], info.get("start_time"))
 
 
 def test_occupied_port_is_reported_with_component_name():
-    before = _our_processes()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -212,7 +258,8 @@ def test_occupied_port_is_reported_with_component_name():
     assert "kube-apiserver failed to start" in str(err)
     assert "address already in use" in str(err).lower()
     assert not Path(err.run_dir).exists()
-    assert _our_processes() <= before  # etcd was stopped again
+    assert set(err.processes) == {"etcd", "kube-apiserver"}
+    assert not any(_alive(i) for i in err.processes.values())  # etcd was stopped again
 
 
 def test_bogus_flag_is_reported_with_component_name():
@@ -221,12 +268,12 @@ def test_bogus_flag_is_reported_with_component_name():
     assert ei.value.component == "etcd"
     assert "no-such-flag" in str(ei.value)
     assert not Path(ei.value.run_dir).exists()
+    assert not any(_alive(i) for i in ei.value.processes.values())
 
 
 def test_cli_up_status_env_down_leaves_nothing_behind(tmp_path):
     env = dict(os.environ, KUBETUNE_RUN_STATE=str(tmp_path / "cluster.json"))
     cli = [sys.executable, str(REPO / "hack" / "cluster.py")]
-    before = _our_processes()
     up = subprocess.run([*cli, "up"], env=env, capture_output=True, text=True, timeout=180)
     assert up.returncode == 0, up.stderr
     state = json.loads((tmp_path / "cluster.json").read_text())
@@ -236,20 +283,20 @@ def test_cli_up_status_env_down_leaves_nothing_behind(tmp_path):
         assert st.returncode == 0, st.stdout + st.stderr
         out = subprocess.run([*cli, "env"], env=env, capture_output=True, text=True).stdout
         assert out.strip() == f"export KUBECONFIG={state['kubeconfig']}"
-        r = subprocess.run(["kubectl", f"--kubeconfig={state['kubeconfig']}", "get", "nodes", "-o", "name"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["kubectl", f"--kubeconfig={state['kubeconfig']}", "get", "nodes", "-o", "name"],
+            capture_output=True,
+            text=True,
+        )
         assert "node/runner-node" in r.stdout, r.stderr
-        pids = [p["pid"] for p in state["processes"].values()]
-        assert set(pids) <= _our_processes()
+        assert set(state["processes"]) == set(cluster_mod.COMPONENTS)
+        assert all(_alive(i) for i in state["processes"].values())
     finally:
         down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stderr
     assert not (tmp_path / "cluster.json").exists()
     assert not Path(state["run_dir"]).exists()
-    assert _our_processes() <= before
-    for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or cluster_mod._proc_start_time(pid) != \
-            next(p["start_time"] for p in state["processes"].values() if p["pid"] == pid)
+    assert not any(_alive(i) for i in state["processes"].values())
     for name, port in state["ports"].items():
         assert not _port_open(port), f"{name} port {port} still open"
     assert subprocess.run([*cli, "status"], env=env, capture_output=True).returncode == 1
