@@ -119,7 +119,7 @@ def parse_quantity(q: str | int | float) -> float:
     """A Kubernetes quantity ('512Mi', '1.5', '250m', '2G', '1e3') as a number."""
     if isinstance(q, int | float):
         return float(q)
-    m = re.fullmatch(r"\s*([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", q)
+    m = re.fullmatch(r"\s*([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", q)
     if not m or m.group(2) not in _SUFFIXES:
         raise ValueError(f"not a quantity: {q!r}")
     return float(m.group(1)) * _SUFFIXES[m.group(2)]
@@ -501,6 +501,8 @@ class PodRunner:
                 return
         if deleting:
             run.request_delete(grace)
+            if run.thread is not None and not run.thread.is_alive():  # already finished: just remove it
+                self._finalize_delete(run.namespace, run.name, run.uid)
 
     def _new_run(self, pod: dict[str, Any]) -> PodRun:
         meta = pod["metadata"]

@@ -340,13 +340,15 @@ def merge_job(body: dict[str, Any], spec: api.FineTuneJobSpec) -> dict[str, Any]
     merge = spec.merge or api.MergeAfterTraining(enabled=True)
     output = merge.output.uri if merge.output else spec.output.uri.rstrip("/") + "/merged"
     mj_spec = api.MergeJobSpec(
-        source=api.MergeSource(fine_tune_job_ref=api.LocalObjectRef(name=meta["name"])),
+        source=api.MergeSource.model_validate({"fineTuneJobRef": {"name": meta["name"]}}),
         dtype=merge.dtype,
         output=api.S3Output(uri=output),
         storage=spec.storage,
         image=spec.image,
         resources=api.Resources(
             gpus=0,
+            cpu=spec.resources.cpu,
+            memory=spec.resources.memory,
             node_selector=spec.resources.node_selector,
             tolerations=spec.resources.tolerations,
             priority_class_name=spec.resources.priority_class_name,

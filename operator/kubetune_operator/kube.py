@@ -121,14 +121,17 @@ class Kube:
         query = {"labelSelector": selector} if selector else None
         return list(self.request("GET", self.path(kind, namespace), query=query).get("items") or [])
 
-    def create(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Create; on HTTP 409 (already exists) read and return the existing one. -> (object, created)."""
+    def create(self, obj: dict[str, Any], read_existing: bool = True) -> tuple[dict[str, Any], bool]:
+        """Create; on HTTP 409 (already exists) read and return the existing one (or ``obj`` itself
+        when ``read_existing`` is False: no ``get`` permission needed). -> (object, created)."""
         meta = obj["metadata"]
         try:
             return self.request("POST", self.path(obj["kind"], meta["namespace"]), obj), True
         except ApiError as err:
             if err.status != 409:
                 raise
+        if not read_existing:
+            return obj, False
         existing = self.get(obj["kind"], meta["namespace"], meta["name"])
         if existing is None:  # deleted in between: let the next reconcile create it
             raise ApiError(409, "POST", self.path(obj["kind"], meta["namespace"]), "conflict, then gone")

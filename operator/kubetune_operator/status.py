@@ -307,6 +307,14 @@ def changed(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in new.items() if old.get(k) != v}
 
 
+def observe_generation(old: dict[str, Any], generation: int) -> dict[str, Any]:
+    """A finished job's status, acknowledged for a newer generation (e.g. spec.suspend toggled after
+    the end): same verdict, ``observedGeneration`` bumped so GitOps tools see it as current."""
+    conds = [{**c, "observedGeneration": generation} for c in old.get("conditions") or []]
+    return {"phase": old["phase"], "conditions": conds, "message": old.get("message", ""),
+            "observedGeneration": generation}
+
+
 def is_finished(status: dict[str, Any] | None) -> bool:
     """Terminal: the Job ran and succeeded or failed. Validation failures (no jobName) are not
     terminal: they are re-checked, since the missing Secret may be created later."""

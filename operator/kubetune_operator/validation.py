@@ -76,7 +76,7 @@ def check_secrets(needs: list[SecretNeed], secrets: Mapping[str, dict[str, Any] 
         if secret is None:
             problems.append(f"Secret {need.name!r} ({need.field}) not found")
             continue
-        present = set((secret.get("data") or {})) | set((secret.get("stringData") or {}))
+        present = set(secret.get("data") or {}) | set(secret.get("stringData") or {})
         missing = [k for k in need.keys if k not in present]
         if missing:
             problems.append(f"Secret {need.name!r} ({need.field}) has no key {', '.join(map(repr, missing))}")

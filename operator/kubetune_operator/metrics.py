@@ -1,0 +1,99 @@
+"""Prometheus metrics and the health endpoints, on one small HTTP server.
+
+    GET /metrics   Prometheus text format
+    GET /healthz   200 while the process is healthy (the kopf loop is alive, or this replica is a
+                   standby waiting for the leader Lease); 503 otherwise
+    GET /readyz    200 once this replica leads and kopf is running; 503 otherwise
+
+Metrics: ``kubetune_jobs{kind,phase}`` (resources by phase), ``kubetune_reconcile_duration_seconds``
+(histogram, by kind), ``kubetune_reconcile_errors_total`` (by kind), ``kubetune_leader`` (1 when
+this replica holds the Lease).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter as _Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+
+PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
+KINDS = ("FineTuneJob", "MergeJob")
+
+JOBS = Gauge("kubetune_jobs", "FineTuneJobs and MergeJobs by phase", ["kind", "phase"])
+RECONCILE_SECONDS = Histogram("kubetune_reconcile_duration_seconds", "Time spent in one reconcile", ["kind"],
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised an error", ["kind"])
+LEADER = Gauge("kubetune_leader", "1 when this replica holds the leader Lease")
+
+_phases: dict[str, tuple[str, str]] = {}
+_lock = threading.Lock()
+for _k in KINDS:
+    for _p in PHASES:
+        JOBS.labels(_k, _p).set(0)
+
+
+def _refresh() -> None:
+    counts = _Counter(_phases.values())
+    for kind in KINDS:
+        for phase in PHASES:
+            JOBS.labels(kind, phase).set(counts.get((kind, phase), 0))
+
+
+def observe(key: str, kind: str, phase: str) -> None:
+    """Record the phase of one resource (``kind/namespace/name``)."""
+    with _lock:
+        if _phases.get(key) != (kind, phase):
+            _phases[key] = (kind, phase)
+            _refresh()
+
+
+def forget(key: str) -> None:
+    """The resource is gone."""
+    with _lock:
+        if _phases.pop(key, None) is not None:
+            _refresh()
+
+
+class Health:
+    """What /healthz and /readyz answer; set by the CLI as the operator starts, leads, stops."""
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.ready = False
+
+
+HEALTH = Health()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+        elif path in ("/healthz", "/livez"):
+            self._send(200 if HEALTH.alive else 503, b"ok\n" if HEALTH.alive else b"unhealthy\n")
+        elif path == "/readyz":
+            self._send(200 if HEALTH.ready else 503, b"ok\n" if HEALTH.ready else b"not ready\n")
+        else:
+            self._send(404, b"not found\n")
+
+    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep probes out of the logs
+        return
+
+
+def serve(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """Start the metrics/health server in a daemon thread; returns it (``.shutdown()`` stops it)."""
+    server = ThreadingHTTPServer((host, port), _Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -1,0 +1,174 @@
+"""End to end: kubectl apply -> operator -> Job -> pod (pod runner) -> real QLoRA training -> S3.
+
+Everything is real except the node: a local control plane (or a kind cluster, see
+``hack/e2e-kind.sh``), the CRDs, the operator with the chart's RBAC, the trainer and merge
+containers (local processes via the pod runner), an S3 server, a tiny Llama with SmolLM2's
+tokenizer. Run::
+
+    .venv/bin/python -m pytest tests/e2e -m e2e
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from e2e_support import BUCKET, RUNNER_SELECTOR, System, wait_for
+
+pytestmark = pytest.mark.e2e
+
+FTJ, MJ = "finetunejobs", "mergejobs"
+RUN_TIMEOUT = 420  # seconds for one training run on a 2-core CPU, model download and upload included
+
+
+def finetune(system: System, name: str, *, dataset_uri: str | None = None, max_steps: int = 6,
+             save_steps: int = 3, **training: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": system.model_uri},
+            "dataset": {"source": "jsonl", "uri": dataset_uri or system.dataset_uri, "format": "text"},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "training": {"maxSteps": max_steps, "saveSteps": save_steps, "loggingSteps": 1, "batchSize": 2,
+                         "maxLength": 64, "learningRate": 1e-3, "gradientCheckpointing": False, **training},
+            "output": {"uri": f"s3://{BUCKET}/runs/{system.namespace}/{name}"},
+            "storage": system.storage(),
+            "resources": {"gpus": 1, "nodeSelector": RUNNER_SELECTOR},
+            "backoffLimit": 2,
+        },
+    }
+
+
+def phase_is(system: System, plural: str, name: str, *phases: str) -> dict[str, Any] | None:
+    obj = system.resource(plural, name)
+    return obj if obj and (obj.get("status") or {}).get("phase") in phases else None
+
+
+def wait_phase(system: System, plural: str, name: str, *phases: str, timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
+    """Poll until the resource reaches one of ``phases``; on timeout show operator and pod logs."""
+    try:
+        return wait_for(lambda: phase_is(system, plural, name, *phases), timeout, f"{plural}/{name} in {phases}",
+                        interval=1.0)
+    except AssertionError as err:
+        obj = system.resource(plural, name)
+        raise AssertionError(f"{err}\nstatus: {(obj or {}).get('status')}\n{system.diagnostics()}") from None
+
+
+def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
+    return next(c for c in obj["status"]["conditions"] if c["type"] == ctype)
+
+
+def printed_table(system: System, kind: str) -> dict[str, dict[str, str]]:
+    """``kubectl get <kind>`` as {name: {COLUMN: value}}, sliced at the header's column positions
+    (empty cells stay empty strings)."""
+    lines = system.cluster.kubectl("get", kind, "-n", system.namespace).stdout.splitlines()
+    starts = [m.start() for m in re.finditer(r"\S+", lines[0])]
+    bounds = list(zip(starts, [*starts[1:], None], strict=True))
+    header = [lines[0][a:b].strip() for a, b in bounds]
+    rows = [[line[a:b].strip() for a, b in bounds] for line in lines[1:]]
+    return {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT + 120)
+def test_finetune_then_merge(system: System) -> None:
+    name = "happy"
+    system.cluster.apply(finetune(system, name, max_steps=6, save_steps=3), namespace=system.namespace)
+    ftj = wait_phase(system, FTJ, name, "Succeeded", "Failed")
+    st = ftj["status"]
+    assert st["phase"] == "Succeeded", f"{st}\n{system.diagnostics()}"
+    progress = st["progress"]
+    assert progress["step"] == progress["totalSteps"] == 6
+    assert progress["percent"] == 100
+    assert isinstance(progress["loss"], float) and progress["loss"] > 0
+    assert condition(ftj, "Succeeded")["status"] == "True" and condition(ftj, "Ready")["status"] == "True"
+    assert st["attempts"] == 1
+    adapter = st["adapterUri"]
+    assert adapter.startswith(f"s3://{BUCKET}/runs/{system.namespace}/{name}/")
+    files = set(system.s3_keys(adapter))
+    assert {"adapter_config.json", "manifest.json"} <= files, files
+    assert any(f.startswith("adapter_model") for f in files), files
+    manifest = system.s3_json(adapter.rstrip("/") + "/manifest.json")
+    assert set(manifest["files"]) >= {"adapter_config.json"}
+
+    table = printed_table(system, "finetunejobs")
+    row = table[name]
+    assert list(row) == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "ETA", "AGE"], row
+    assert row["PHASE"] == "Succeeded" and row["PROGRESS"] == "100"
+    assert float(row["LOSS"]) == pytest.approx(progress["loss"], rel=1e-3)
+    assert row["ETA"] == progress["eta"] and re.fullmatch(r"\d+[smh].*", row["AGE"]), row
+
+    merged_uri = f"s3://{BUCKET}/runs/{system.namespace}/{name}-merged"
+    system.cluster.apply({
+        "apiVersion": "kubetune.dev/v1alpha1", "kind": "MergeJob", "metadata": {"name": f"{name}-merge"},
+        "spec": {"source": {"fineTuneJobRef": {"name": name}}, "dtype": "float32",
+                 "output": {"uri": merged_uri},
+                 "verify": {"prompts": ["Question: what is qlora?\nAnswer:"], "maxNewTokens": 4},
+                 "resources": {"nodeSelector": RUNNER_SELECTOR}},
+    }, namespace=system.namespace)
+    mj = wait_phase(system, MJ, f"{name}-merge", "Succeeded", "Failed")
+    ms = mj["status"]
+    assert ms["phase"] == "Succeeded", f"{ms}\n{system.diagnostics()}"
+    assert ms["mergedUri"].rstrip("/") == merged_uri
+    assert ms["adapterUri"] == adapter
+    assert ms["verification"]["passed"] is True
+    assert ms["verification"]["maxLogitDiff"] <= ms["verification"]["tolerance"]
+    assert len(ms["samples"]) == 1 and ms["samples"][0]["prompt"].startswith("Question")
+    merged_files = set(system.s3_keys(merged_uri))
+    assert {"config.json", "manifest.json", "tokenizer.json"} <= merged_files, merged_files
+    assert any(f.endswith(".safetensors") for f in merged_files), merged_files
+    assert printed_table(system, "mergejobs")[f"{name}-merge"]["PHASE"] == "Succeeded"
+
+
+def test_bad_dataset_fails_without_retries(system: System) -> None:
+    name = "bad-data"
+    system.cluster.apply(finetune(system, name, dataset_uri=system.bad_dataset_uri), namespace=system.namespace)
+    ftj = wait_phase(system, FTJ, name, "Failed", "Succeeded")
+    st = ftj["status"]
+    assert st["phase"] == "Failed"
+    failed = condition(ftj, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "InvalidDataset", failed
+    assert st["attempts"] == 1  # a permanent failure: the pod failure policy fails the Job at once
+    job = system.cluster.get(f"/apis/batch/v1/namespaces/{system.namespace}/jobs/{st['jobName']}")
+    assert job["status"].get("failed") == 1
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT + 300)
+def test_suspend_keeps_checkpoint_and_resume_continues(system: System) -> None:
+    name = "pausable"
+    total = 12  # ~4 s a step on 2 busy cores: the suspend lands well before the end
+    system.cluster.apply(finetune(system, name, max_steps=total, save_steps=2), namespace=system.namespace)
+    selector = f"kubetune.dev/job-name={name}"
+
+    def checkpointed() -> dict[str, Any] | None:
+        obj = system.resource(FTJ, name) or {}
+        st = obj.get("status") or {}
+        if st.get("phase") in ("Succeeded", "Failed"):
+            raise AssertionError(f"the run ended before it could be suspended: {st}\n{system.diagnostics()}")
+        return st if st.get("checkpointUri") and (st.get("progress") or {}).get("step", 0) >= 2 else None
+
+    before = wait_for(checkpointed, RUN_TIMEOUT, "a first checkpoint", interval=0.5)
+    system.cluster.kubectl("patch", "finetunejob", name, "-n", system.namespace, "--type=merge",
+                           "-p", '{"spec": {"suspend": true}}')
+    suspended = wait_phase(system, FTJ, name, "Suspended", timeout=180)
+    assert condition(suspended, "Suspended")["status"] == "True"
+    wait_for(lambda: not system.pods(selector), 120, "the training pod to be gone")
+
+    # The checkpoint is kept in storage and the pointer names it.
+    latest = system.s3_json(f"s3://{BUCKET}/runs/{system.namespace}/{name}/checkpoints/latest.json")
+    saved_step = int(latest["step"])
+    assert saved_step >= before["progress"]["step"] - 2 and saved_step >= 2
+    assert system.s3_keys(suspended["status"]["checkpointUri"]), "checkpoint objects missing"
+
+    system.cluster.kubectl("patch", "finetunejob", name, "-n", system.namespace, "--type=merge",
+                           "-p", '{"spec": {"suspend": false}}')
+    done = wait_phase(system, FTJ, name, "Succeeded", "Failed")
+    assert done["status"]["phase"] == "Succeeded", f"{done['status']}\n{system.diagnostics()}"
+    assert done["status"]["progress"]["step"] == total
+    if system.runner is not None:  # the resumed pod's log says where it started
+        runs = [r for r in system.runner.runs.values() if r.namespace == system.namespace
+                and r.name.startswith(f"{name}-train")]
+        assert len(runs) >= 2, [r.name for r in runs]
+        m = re.search(r"resuming from step (\d+)", runs[-1].log_path.read_text())
+        assert m, f"no resume line in {runs[-1].log_path}"
+        assert int(m.group(1)) >= saved_step

@@ -1,0 +1,159 @@
+"""The Helm chart: static RBAC rules (the ones the integration tests run the operator with), values
+that every template reference resolves against, metadata in step with the package."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune import __version__
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "kubetune"
+TEMPLATES = sorted((CHART / "templates").glob("*"))
+
+
+def _rules(name: str) -> list[dict[str, Any]]:
+    return yaml.safe_load((CHART / "files" / name).read_text())
+
+
+def _flat(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def test_cluster_role_is_exactly_least_privilege():
+    got = _flat(_rules("clusterrole-rules.yaml"))
+    crud = {"get", "list", "watch", "patch"}
+    want = {("kubetune.dev", "finetunejobs", v) for v in crud} | \
+        {("kubetune.dev", "mergejobs", v) for v in crud | {"create"}} | \
+        {("kubetune.dev", f"{p}/status", v) for p in ("finetunejobs", "mergejobs") for v in ("get", "patch")} | \
+        {("kubetune.dev", f"{p}/finalizers", "update") for p in ("finetunejobs", "mergejobs")} | \
+        {("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch")} | \
+        {("", "pods", v) for v in ("list", "watch")} | \
+        {("", r, "create") for r in ("configmaps", "serviceaccounts", "events")} | \
+        {("", "secrets", "get")} | \
+        {("rbac.authorization.k8s.io", r, "create") for r in ("roles", "rolebindings")}
+    assert got == want
+    assert not any("*" in x for triple in got for x in triple)
+    assert not any(v in ("delete", "deletecollection", "escalate", "bind", "impersonate") for _, _, v in got)
+    assert not any(r == "secrets" and v in ("list", "watch") for _, r, v in got)  # never bulk-read Secrets
+
+
+def test_leader_election_role():
+    assert _flat(_rules("leader-election-rules.yaml")) == {("coordination.k8s.io", "leases", v)
+                                                           for v in ("get", "create", "update")}
+
+
+def test_pod_role_is_covered_by_the_operator_role():
+    """RBAC forbids granting what you do not hold: the per-job Role must be a subset."""
+    from kubetune_operator import builders
+
+    body = {"kind": "FineTuneJob", "metadata": {"name": "x", "namespace": "n", "uid": "u"}}
+    pod_rules = _flat(builders.role(body)["rules"])
+    body["kind"] = "MergeJob"
+    pod_rules |= _flat(builders.role(body)["rules"])
+    assert pod_rules <= _flat(_rules("clusterrole-rules.yaml"))
+
+
+def _value_paths(node: Any, prefix: str = "") -> set[str]:
+    out = {prefix} if prefix else set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out |= _value_paths(value, f"{prefix}.{key}" if prefix else key)
+    return out
+
+
+def test_every_values_reference_exists():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    known = _value_paths(values)
+    for template in TEMPLATES:
+        text = template.read_text()
+        assert text.count("{{") == text.count("}}"), template.name
+        for ref in re.findall(r"\.Values\.([A-Za-z0-9_.]+)", text):
+            assert ref in known, f"{template.name}: .Values.{ref} is not in values.yaml"
+        for ref in re.findall(r'\.Files\.Get "([^"]+)"', text):
+            assert (CHART / ref).is_file(), f"{template.name}: {ref} missing"
+        for ref in re.findall(r'include "([^"]+)"', text):
+            assert f'define "{ref}"' in (CHART / "templates" / "_helpers.tpl").read_text(), ref
+
+
+def test_chart_metadata_and_defaults():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "kubetune"
+    assert chart["appVersion"] == __version__
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["watchNamespaces"] == [] and values["leaderElection"]["enabled"] is True
+    assert values["metrics"]["port"] == 8080 and values["metrics"]["serviceMonitor"]["enabled"] is False
+    deployment = (CHART / "templates" / "deployment.yaml").read_text()
+    for arg in ("--all-namespaces", "--namespace={{ . }}", "--leader-elect", "--metrics-port=", "--log-format="):
+        assert arg in deployment
+    assert "runAsNonRoot: true" in deployment and "readOnlyRootFilesystem: true" in deployment
+    assert "path: /healthz" in deployment and "path: /readyz" in deployment
+
+
+# ------------------------------------------------------------------------------ rendered with helm
+def _helm() -> str:
+    import os
+    import shutil
+
+    cached = Path(os.environ.get("KUBETUNE_CACHE") or Path.home() / ".cache" / "kubetune") / "helm" / "helm"
+    found = os.environ.get("KUBETUNE_HELM") or shutil.which("helm") or (str(cached) if cached.exists() else None)
+    assert found, ("helm is needed: GOBIN=~/.cache/kubetune/helm go install helm.sh/helm/v3/cmd/helm@v3.19.0 "
+                   "(through the Go module proxy), or set KUBETUNE_HELM")
+    return found
+
+
+def _render(*sets: str) -> list[dict[str, Any]]:
+    import subprocess
+
+    args = [_helm(), "template", "kt", str(CHART), "--namespace", "kubetune-system", "--kube-version", "1.34.0"]
+    for s in sets:
+        args += ["--set", s]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.mark.integration
+def test_helm_lint_and_render_cluster_wide():
+    import subprocess
+
+    lint = subprocess.run([_helm(), "lint", "--strict", "--kube-version", "1.34.0", str(CHART)],
+                          capture_output=True, text=True, timeout=120)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _render()}
+    role = docs[("ClusterRole", "kt-kubetune")]
+    assert role["rules"] == _rules("clusterrole-rules.yaml")
+    assert docs[("ClusterRoleBinding", "kt-kubetune")]["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kt-kubetune", "namespace": "kubetune-system"}]
+    assert docs[("Role", "kt-kubetune-leader-election")]["rules"] == _rules("leader-election-rules.yaml")
+    dep = docs[("Deployment", "kt-kubetune")]
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"ghcr.io/kubetune/operator:{__version__}"
+    assert container["args"] == ["operator", "--all-namespaces", "--metrics-port=8080", "--log-format=json",
+                                 "--leader-elect", "--lease-name=kubetune-operator"]
+    assert {"name": "KUBETUNE_TRAINER_IMAGE", "value": "ghcr.io/kubetune/trainer:0.1.0"} in container["env"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert docs[("Service", "kt-kubetune-metrics")]["spec"]["ports"][0]["port"] == 8080
+    assert not any(kind == "ServiceMonitor" for kind, _ in docs)
+    crds = {d["metadata"]["name"] for d in _render() if d["kind"] == "CustomResourceDefinition"}
+    assert crds <= {"finetunejobs.kubetune.dev", "mergejobs.kubetune.dev"}
+
+
+@pytest.mark.integration
+def test_helm_render_watch_namespaces_and_service_monitor():
+    docs = _render("watchNamespaces={team-a,team-b}", "metrics.serviceMonitor.enabled=true",
+                   "leaderElection.enabled=false")
+    kinds = [(d["kind"], d["metadata"].get("namespace")) for d in docs]
+    assert ("RoleBinding", "team-a") in kinds and ("RoleBinding", "team-b") in kinds
+    assert not any(k == "ClusterRoleBinding" for k, _ in kinds)
+    assert not any(d["kind"] == "Role" for d in docs)
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
+    assert "--leader-elect" not in args
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"

@@ -1,0 +1,211 @@
+"""Dataset sources and formats against real files, a real S3 server and real Deep Lake/datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubetune_trainer import data
+from kubetune_trainer.runtime import InvalidDataset
+from trainer_helpers import QA, qa_rows, write_jsonl
+
+TEMPLATE = "Question: {question}\n\nAnswer: {answer}"
+MESSAGES = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA[:12]]
+
+
+def load(spec: Any, store: Any, tmp_path: Path, seed: int = 0) -> data.Splits:
+    return data.load_splits(spec, store, tmp_path / "work", seed)
+
+
+# -- formats ----------------------------------------------------------------------------------
+
+
+def test_text_format_uses_text_field_only(tmp_path: Path, dataset_spec: Any, store: Any) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"body": f"doc {i}", "other": i} for i in range(5)])
+    splits = load(dataset_spec(source="jsonl", uri=str(path), textField="body"), store, tmp_path)
+    assert splits.train.column_names == ["text"]
+    assert splits.train["text"] == [f"doc {i}" for i in range(5)]
+    assert splits.eval is None
+
+
+def test_template_format_is_prepare_sample_text(tmp_path: Path, qa_jsonl: Path, dataset_spec: Any,
+                                                store: Any) -> None:
+    splits = load(dataset_spec(source="jsonl", uri=str(qa_jsonl), format="template", template=TEMPLATE),
+                  store, tmp_path)
+    assert splits.train["text"][3] == f"Question: {QA[3][0]}\n\nAnswer: {QA[3][1]}"
+
+
+def test_prompt_completion_format(tmp_path: Path, dataset_spec: Any, store: Any) -> None:
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"q": q, "a": a} for q, a in QA[:6]])
+    spec = dataset_spec(source="jsonl", uri=str(path), format="promptCompletion", promptField="q",
+                        completionField="a")
+    splits = load(spec, store, tmp_path)
+    assert splits.train.column_names == ["prompt", "completion"]
+    assert splits.train[0] == {"prompt": QA[0][0], "completion": QA[0][1]}
+
+
+def test_messages_format_accepts_lists_and_json_strings(tmp_path: Path, dataset_spec: Any, store: Any) -> None:
+    rows = [{"conv": m} for m in MESSAGES[:3]] + [{"conv": json.dumps(MESSAGES[3])}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    splits = load(dataset_spec(source="jsonl", uri=str(path), format="messages", messagesField="conv"),
+                  store, tmp_path)
+    assert splits.train.column_names == ["messages"]
+    assert splits.train["messages"][3] == MESSAGES[3]
+
+
+def test_empty_texts_are_dropped_not_trained(tmp_path: Path, dataset_spec: Any, store: Any) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "  "}, {"text": "b"}])
+    assert load(dataset_spec(source="jsonl", uri=str(path)), store, tmp_path).train["text"] == ["a", "b"]
+
+
+def test_eval_fraction_is_seeded_and_disjoint(tmp_path: Path, qa_jsonl: Path, dataset_spec: Any,
+                                             store: Any) -> None:
+    spec = dataset_spec(source="jsonl", uri=str(qa_jsonl), format="template", template=TEMPLATE,
+                        eval={"fraction": 0.25})
+    a, b = load(spec, store, tmp_path, seed=1), load(spec, store, tmp_path, seed=1)
+    assert (len(a.train), len(a.eval)) == (30, 10)
+    assert a.eval["text"] == b.eval["text"]
+    assert not set(a.eval["text"]) & set(a.train["text"])
+
+
+# -- sources ----------------------------------------------------------------------------------
+
+
+def test_jsonl_on_s3_file_and_split_folder(tmp_path: Path, s3: Any, prefix: str, dataset_spec: Any,
+                                           store: Any) -> None:
+    client, (bucket, key) = s3.client(), prefix.split("/", 1)
+    client.put_object(Bucket=bucket, Key=f"{key}/one.jsonl", Body=json.dumps({"text": "solo"}) + "\n")
+    splits = load(dataset_spec(source="jsonl", uri=f"s3://{prefix}/one.jsonl"), store, tmp_path / "a")
+    assert splits.train["text"] == ["solo"]
+
+    for split, n in (("train", 5), ("validation", 2)):
+        body = "".join(json.dumps({"text": f"{split} {i}"}) + "\n" for i in range(n))
+        client.put_object(Bucket=bucket, Key=f"{key}/folder/{split}.jsonl", Body=body)
+    spec = dataset_spec(source="jsonl", uri=f"s3://{prefix}/folder", eval={"split": "validation"})
+    splits = load(spec, store, tmp_path / "b")
+    assert splits.train["text"] == [f"train {i}" for i in range(5)]
+    assert splits.eval["text"] == ["validation 0", "validation 1"]
+
+
+def _parquet(path: Path, rows: list[dict[str, Any]]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_parquet_local_and_on_s3(tmp_path: Path, s3: Any, prefix: str, dataset_spec: Any, store: Any) -> None:
+    local = _parquet(tmp_path / "pq" / "train-00000-of-00002.parquet", qa_rows(10))
+    _parquet(tmp_path / "pq" / "train-00001-of-00002.parquet", qa_rows(15)[10:])
+    _parquet(tmp_path / "pq" / "test-00000-of-00001.parquet", qa_rows(20)[15:])
+    spec = dataset_spec(source="parquet", uri=str(local.parent), format="template", template=TEMPLATE,
+                        eval={"split": "test"})
+    splits = load(spec, store, tmp_path / "a")
+    assert (len(splits.train), len(splits.eval)) == (15, 5)
+
+    s3.upload_dir(local.parent, *prefix.split("/", 1))
+    spec = dataset_spec(source="parquet", uri=f"s3://{prefix}", format="template", template=TEMPLATE)
+    splits = load(spec, store, tmp_path / "b")
+    assert len(splits.train) == 15  # only the train-* shards
+    assert splits.train["text"][0] == TEMPLATE.format(**qa_rows(1)[0])
+
+
+def test_huggingface_save_to_disk_local_and_on_s3(tmp_path: Path, s3: Any, prefix: str, dataset_spec: Any,
+                                                  store: Any) -> None:
+    import datasets
+
+    folder = tmp_path / "hf"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list(qa_rows(12)),
+        "test": datasets.Dataset.from_list(qa_rows(16)[12:]),
+    }).save_to_disk(str(folder))
+    spec = dataset_spec(source="huggingface", uri=str(folder), format="template", template=TEMPLATE,
+                        eval={"split": "test"})
+    splits = load(spec, store, tmp_path / "a")
+    assert (len(splits.train), len(splits.eval)) == (12, 4)
+
+    s3.upload_dir(folder, *prefix.split("/", 1))
+    spec = dataset_spec(source="huggingface", uri=f"s3://{prefix}", format="template", template=TEMPLATE,
+                        eval={"split": "test"})
+    splits = load(spec, store, tmp_path / "b")
+    assert splits.eval["text"] == [TEMPLATE.format(**row) for row in qa_rows(16)[12:]]
+
+
+def _deeplake(uri: str, creds: dict[str, str] | None = None) -> None:
+    import deeplake
+
+    ds = deeplake.create(uri, creds=creds)
+    ds.add_column("question", deeplake.types.Text())
+    ds.add_column("answer", deeplake.types.Text())
+    ds.add_column("turns", deeplake.types.Dict())
+    rows = qa_rows(8)
+    ds.append({"question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows],
+               "turns": [{"m": m} for m in MESSAGES[:8]]})
+    ds.commit()
+
+
+def test_deeplake_local_and_on_s3(tmp_path: Path, s3: Any, prefix: str, dataset_spec: Any, store: Any) -> None:
+    _deeplake(f"file://{tmp_path / 'dl'}")
+    spec = dataset_spec(source="deeplake", uri=str(tmp_path / "dl"), format="template", template=TEMPLATE)
+    assert load(spec, store, tmp_path / "a").train["text"] == [TEMPLATE.format(**r) for r in qa_rows(8)]
+
+    _deeplake(f"s3://{prefix}/dl", creds=data.deeplake_creds(store))
+    spec = dataset_spec(source="deeplake", uri=f"s3://{prefix}/dl", format="promptCompletion",
+                        promptField="question", completionField="answer", eval={"fraction": 0.25})
+    splits = load(spec, store, tmp_path / "b")
+    assert (len(splits.train), len(splits.eval)) == (6, 2)
+    assert set(splits.train["prompt"]) | set(splits.eval["prompt"]) == {q for q, _ in QA[:8]}
+
+
+# -- token-level checks ------------------------------------------------------------------------
+
+
+def test_check_tokens_counts_trainable_tokens(tmp_path: Path, dataset_spec: Any, store: Any,
+                                             tokenizer: Any) -> None:
+    rows = [{"prompt": "x " * 10, "completion": "y " * 5}] * 3 + [{"prompt": "a", "completion": "b"}]
+    path = write_jsonl(tmp_path / "pc.jsonl", rows)
+    spec = dataset_spec(source="jsonl", uri=str(path), format="promptCompletion")
+    ds = load(spec, store, tmp_path).train
+    full = data.check_tokens(ds, tokenizer, max_length=64, packing="bfd")
+    assert full.trainable < full.tokens and full.too_long == 0
+    cut = data.check_tokens(ds, tokenizer, max_length=12, packing="bfd")  # prompts ~10 tokens: little left
+    assert cut.too_long == 3 and 0 < cut.trainable < full.trainable
+
+
+def test_wrapped_packing_accepts_long_samples(tmp_path: Path, dataset_spec: Any, store: Any,
+                                             tokenizer: Any) -> None:
+    path = write_jsonl(tmp_path / "long.jsonl", [{"text": "word " * 50}] * 3)
+    ds = load(dataset_spec(source="jsonl", uri=str(path)), store, tmp_path).train
+    stats = data.check_tokens(ds, tokenizer, max_length=16, packing="wrapped")
+    assert stats.too_long == 3 and stats.trainable == stats.tokens
+    with pytest.raises(InvalidDataset, match="all 3 samples are longer than training.maxLength=16"):
+        data.check_tokens(ds, tokenizer, max_length=16, packing="bfd")
+
+
+def test_template_fields_parsing() -> None:
+    assert data.template_fields("{a} and {b.c} and {d[0]} {a}") == ["a", "b", "d"]
+    with pytest.raises(InvalidDataset, match="positional"):
+        data.template_fields("{} {0}")
+    with pytest.raises(InvalidDataset, match="not a valid format string"):
+        data.template_fields("{unclosed")
+
+
+SAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
+
+
+@pytest.mark.parametrize("name,fields", [
+    ("kubetune-qa.jsonl", {"format": "template", "template": TEMPLATE}),
+    ("kubetune-chat.jsonl", {"format": "messages"}),
+    ("kubetune-prompt-completion.jsonl", {"format": "promptCompletion"}),
+])
+def test_shipped_sample_datasets_are_valid(name: str, fields: dict[str, Any], tmp_path: Path, dataset_spec: Any,
+                                           store: Any, tokenizer: Any) -> None:
+    spec = dataset_spec(source="jsonl", uri=str(SAMPLES / name), **fields)
+    splits = load(spec, store, tmp_path)
+    assert len(splits.train) == 16
+    stats = data.check_tokens(splits.train, tokenizer, 128, "bfd")
+    assert stats.too_long == 0 and stats.trainable > 0

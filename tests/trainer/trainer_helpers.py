@@ -1,0 +1,62 @@
+"""Helpers shared by the trainer tests (a module of its own: every test folder has a conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "trainer-tests"
+
+QA = [(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(40)]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:60]
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def qa_rows(n: int = 40) -> list[dict[str, str]]:
+    return [{"question": q, "answer": a} for q, a in QA[:n]]
+
+
+def spec_doc(model: dict[str, Any], dataset: dict[str, Any], output_uri: str, endpoint: str | None = None,
+             **training: Any) -> dict[str, Any]:
+    """A FineTuneJobSpec dict with small, fast CPU defaults (override any training field)."""
+    train = {"maxSteps": 4, "maxLength": 64, "batchSize": 2, "learningRate": 5e-3, "loggingSteps": 2,
+             "saveSteps": 100, "gradientCheckpointing": False, "warmupRatio": 0.0, **training}
+    doc: dict[str, Any] = {"model": model, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                           "dataset": dataset, "training": train, "output": {"uri": output_uri}}
+    if endpoint:
+        doc["storage"] = {"endpoint": endpoint}
+    return doc
+
+
+def make_pod(work: Path, name: str = "ft") -> Any:
+    from kubetune_trainer.runtime import PodContext, StatusReporter
+
+    work.mkdir(parents=True, exist_ok=True)
+    return PodContext(kind="FineTuneJob", name=name, namespace="ns", work_dir=work,
+                      reporter=StatusReporter(None, None, None, None, None, None),
+                      termination_log=work / "termination-log")
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a ``kubetune train`` subprocess (offline, quiet, one thread per op)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBETUNE_", "PYTEST_"))}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"})
+    env.update(extra or {})
+    return env
+
+
+KUBETUNE = str(Path(sys.executable).parent / "kubetune")

@@ -1,0 +1,99 @@
+"""Live progress: a TrainerCallback that reports into the resource's ``status.progress``.
+
+Every ``loggingSteps`` (and at the end) it merge-patches ``{"progress": {...}}`` through the pod's
+:class:`~kubetune_trainer.runtime.StatusReporter` with step, totalSteps, percent, epoch, loss,
+evalLoss, learningRate, tokensPerSecond (non-pad tokens actually trained, counted by TRL), eta and
+updatedAt. The reporter never raises, so a broken channel never stops training. tqdm bars stay in
+the log; ``echo`` (``kubetune run``) also prints one line per report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from typing import Any
+
+from transformers import TrainerCallback
+
+from kubetune_trainer.runtime import StatusReporter
+
+
+def format_duration(seconds: float) -> str:
+    """12m30s / 2h05m / 45s."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def rfc3339_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def progress_fields(step: int, total: int, epoch: float | None, elapsed: float, steps_done: int,
+                    tokens: float | None) -> dict[str, Any]:
+    """The computed part of ``status.progress`` (camelCase). ``steps_done``/``tokens``/``elapsed``
+    count this process only, so a resumed run's rate is not inflated by steps it did not run."""
+    out: dict[str, Any] = {"step": step, "totalSteps": total,
+                           "percent": int(100 * step / total) if total else 0, "updatedAt": rfc3339_now()}
+    if epoch is not None:
+        out["epoch"] = round(float(epoch), 4)
+    if steps_done > 0 and elapsed > 0:
+        eta = (total - step) * elapsed / steps_done
+        out["etaSeconds"] = int(round(max(0.0, eta)))
+        out["eta"] = format_duration(eta)
+        if tokens:
+            out["tokensPerSecond"] = round(tokens / elapsed, 1)
+    return out
+
+
+class ProgressReporter(TrainerCallback):  # type: ignore[misc]
+    """Reports progress every logging step and at the end; keeps the latest fields for the result."""
+
+    def __init__(self, reporter: StatusReporter, echo: Callable[[str], None] | None = None):
+        self.reporter, self.echo = reporter, echo
+        self.progress: dict[str, Any] = {}
+        self.started = time.monotonic()
+        self.start_step = 0
+        self.tokens = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = time.monotonic()
+        self.start_step = state.global_step
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        logs = logs or {}
+        if "num_tokens" in logs:  # TRL: non-pad tokens trained by this process so far
+            self.tokens = float(logs["num_tokens"])
+        if "loss" in logs:
+            self.progress["loss"] = round(float(logs["loss"]), 5)
+        if "eval_loss" in logs:
+            self.progress["evalLoss"] = round(float(logs["eval_loss"]), 5)
+        if "learning_rate" in logs:
+            self.progress["learningRate"] = float(logs["learning_rate"])
+        if "loss" in logs or "eval_loss" in logs:
+            self.report(state)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.report(state)
+
+    def report(self, state: Any) -> None:
+        elapsed = time.monotonic() - self.started
+        self.progress.update(progress_fields(state.global_step, state.max_steps, state.epoch, elapsed,
+                                             state.global_step - self.start_step, self.tokens))
+        self.reporter.patch({"progress": dict(self.progress)})
+        if self.echo:
+            p = self.progress
+            parts = [f"step {p['step']}/{p['totalSteps']} ({p['percent']}%)"]
+            parts += [f"{key} {p[key]:.4g}" for key in ("loss", "evalLoss") if key in p]
+            if "tokensPerSecond" in p:
+                parts.append(f"{p['tokensPerSecond']:.0f} tok/s")
+            if "eta" in p:
+                parts.append(f"eta {p['eta']}")
+            self.echo("progress: " + ", ".join(parts))

@@ -1,0 +1,148 @@
+"""Checkpoints in object storage, resume, and a clean stop on SIGTERM.
+
+Layout under ``output.uri`` (see :mod:`kubetune.contract`)::
+
+    checkpoints/step-40/...      the HF Trainer checkpoint folder: adapter, optimizer, scheduler,
+                                 trainer_state.json, RNG states
+    checkpoints/latest.json      {"step": 40, "uri": ".../checkpoints/step-40", "files": {rel: sha256}}
+
+The pointer is written LAST, only after every file of the folder is stored, so a pod killed in the
+middle of an upload leaves the previous pointer in place and a retry resumes from a complete
+checkpoint. Older folders beyond ``keepCheckpoints`` are deleted after the pointer moves.
+
+SIGTERM (Kubernetes preemption, node drain, ``kubectl delete pod``) does not kill the run: the
+handler only raises a flag; the current step finishes, a checkpoint is saved and uploaded, and the
+recipe exits with :class:`~kubetune_trainer.runtime.Preempted` (exit 7) so the retry resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from transformers import TrainerCallback
+
+from kubetune import contract
+from kubetune_trainer.runtime import StatusReporter, StorageError
+from kubetune_trainer.storage import Store, join, verify_files
+
+log = logging.getLogger("kubetune.checkpoints")
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_uri(output_uri: str) -> str:
+    return join(output_uri, contract.CHECKPOINTS_DIR)
+
+
+def latest_pointer(store: Store, output_uri: str) -> dict[str, Any] | None:
+    """The pointer to the newest complete checkpoint, or None."""
+    pointer = store.get_json(join(output_uri, contract.LATEST_POINTER))
+    if pointer is not None and not {"step", "uri"} <= set(pointer):
+        log.warning("ignoring a malformed %s: %s", contract.LATEST_POINTER, pointer)
+        return None
+    return pointer
+
+
+def upload_checkpoint(store: Store, local: Path, output_uri: str, step: int) -> dict[str, Any]:
+    """Upload one checkpoint folder, then move the pointer to it (in that order)."""
+    uri = join(checkpoints_uri(output_uri), f"step-{step}")
+    files = store.upload_dir(local, uri)
+    pointer = {"step": step, "uri": uri, "files": files}
+    store.put_json(join(output_uri, contract.LATEST_POINTER), pointer)
+    log.info("checkpoint step %d stored at %s (%d files)", step, uri, len(files))
+    return pointer
+
+
+def stored_steps(store: Store, output_uri: str) -> list[int]:
+    """Steps of the checkpoint folders in storage, oldest first."""
+    steps = set()
+    for rel in store.list(checkpoints_uri(output_uri)):
+        match = STEP_DIR.match(rel.split("/")[0])
+        if match:
+            steps.add(int(match.group(1)))
+    return sorted(steps)
+
+
+def prune(store: Store, output_uri: str, keep: int, current: int) -> list[int]:
+    """Delete the oldest checkpoint folders beyond ``keep``; never the one the pointer names."""
+    steps = [s for s in stored_steps(store, output_uri) if s != current]
+    doomed = steps[: max(0, len(steps) - (keep - 1))]
+    for step in doomed:
+        store.delete(join(checkpoints_uri(output_uri), f"step-{step}"))
+    if doomed:
+        log.info("deleted old checkpoints: %s", ", ".join(f"step-{s}" for s in doomed))
+    return doomed
+
+
+def download_latest(store: Store, output_uri: str, work_dir: Path) -> tuple[Path, int] | None:
+    """Fetch the newest complete checkpoint (checked against the pointer's sha256 list), or None."""
+    pointer = latest_pointer(store, output_uri)
+    if pointer is None:
+        return None
+    step = int(pointer["step"])
+    local = work_dir / "resume" / f"checkpoint-{step}"
+    if local.exists():
+        shutil.rmtree(local)
+    store.download_dir(pointer["uri"], local)
+    bad = verify_files(local, pointer) if pointer.get("files") else []
+    if bad:
+        raise StorageError(f"checkpoint {pointer['uri']} does not match its pointer ({len(bad)} files differ, "
+                           f"e.g. {bad[0]}): refusing to resume from it")
+    log.info("resuming from step %d (%s)", step, pointer["uri"])
+    return local, step
+
+
+class CheckpointUploader(TrainerCallback):  # type: ignore[misc]
+    """After each local save, upload the folder, move the pointer, prune, and report checkpointUri."""
+
+    def __init__(self, store: Store, output_uri: str, keep: int, reporter: StatusReporter):
+        self.store, self.output_uri, self.keep, self.reporter = store, output_uri, keep, reporter
+        self.last: dict[str, Any] | None = None
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not local.is_dir() or (self.last and self.last["step"] == state.global_step):
+            return
+        self.last = upload_checkpoint(self.store, local, self.output_uri, state.global_step)
+        prune(self.store, self.output_uri, self.keep, state.global_step)
+        self.reporter.patch({"checkpointUri": self.last["uri"]})
+
+
+class PreemptionHandler(TrainerCallback):  # type: ignore[misc]
+    """SIGTERM -> finish the step, save a checkpoint, stop training. Installed by the recipe."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.step: int | None = None
+        self._previous: Any = None
+
+    def install(self) -> PreemptionHandler:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("not the main thread: SIGTERM keeps its default action (no checkpoint on preemption)")
+            return self
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if not self.requested:
+            log.warning("SIGTERM: finishing the current step, then saving a checkpoint and stopping")
+        self.requested = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.requested:
+            self.step = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control

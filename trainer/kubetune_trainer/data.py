@@ -1,0 +1,506 @@
+"""Training data: load a ``spec.dataset`` from its source, check it, and shape it for TRL.
+
+Sources (``dataset.source``):
+
+* ``jsonl`` / ``parquet`` — a file or a folder of files, local or ``s3://``. In a folder, a split
+  is the files named ``<split>.<ext>`` or ``<split>-*``/``<split>_*`` (the Hub's layout); when no
+  file is named after the training split, every file is training data.
+* ``huggingface`` — a ``save_to_disk`` folder (local or ``s3://``), or a hub id where a hub is
+  reachable (token from ``KUBETUNE_DATASET_TOKEN``).
+* ``deeplake`` — a local path, ``s3://`` (the job's storage endpoint and credentials) or
+  ``hub://``/``al://`` (token from ``KUBETUNE_DATASET_TOKEN``).
+
+Formats (``dataset.format``) become the columns TRL's SFTTrainer understands:
+
+* ``text`` -> ``text``; ``template`` -> ``text`` (``template.format(**row)``);
+* ``promptCompletion`` -> ``prompt``/``completion`` (TRL trains on the completion only);
+* ``messages`` -> ``messages`` (rendered by the chat template).
+
+Every check happens here, before a model is loaded, and fails with
+:class:`~kubetune_trainer.runtime.InvalidDataset` naming the column, row and fix: missing
+columns (with the columns present), empty data, unknown template fields, wrong value types,
+bad JSON lines, samples that cannot fit ``maxLength``, no trainable tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import string
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune import api, contract
+from kubetune_trainer.runtime import InvalidDataset
+from kubetune_trainer.storage import Store, is_s3, join
+
+log = logging.getLogger("kubetune.data")
+
+MAX_LISTED = 5  # problems named in one error message
+MISSING = object()  # a JSON line without the key (as opposed to null)
+EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz"), "parquet": (".parquet",)}
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class RawSplit:
+    """Rows of one split as columns; ``get`` returns one column as Python values."""
+
+    name: str
+    columns: list[str]
+    num_rows: int
+    get: Callable[[str], list[Any]]
+
+
+@dataclass
+class Splits:
+    """The datasets handed to SFTTrainer (TRL's column layout)."""
+
+    train: Any  # datasets.Dataset
+    eval: Any | None  # datasets.Dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def load_splits(spec: api.Dataset, store: Store, work_dir: Path, seed: int) -> Splits:
+    """Load, check and format the training (and evaluation) data. Raises InvalidDataset."""
+    train_raw = load_raw(spec, spec.split, store, work_dir)
+    train = format_split(train_raw, spec)
+    evaluation = None
+    if spec.eval is not None and spec.eval.split is not None:
+        evaluation = format_split(load_raw(spec, spec.eval.split, store, work_dir), spec)
+    elif spec.eval is not None and spec.eval.fraction is not None:
+        train, evaluation = split_fraction(train, spec.eval.fraction, seed)
+    log.info("dataset %s (%s, %s): %d training rows%s", spec.uri, spec.source, spec.format, len(train),
+             f", {len(evaluation)} evaluation rows" if evaluation is not None else "")
+    return Splits(train=train, eval=evaluation)
+
+
+def split_fraction(ds: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """Hold out ``fraction`` of the rows (seeded); both parts must keep at least one row."""
+    n_eval = int(len(ds) * fraction)
+    if n_eval < 1 or len(ds) - n_eval < 1:
+        raise InvalidDataset(
+            f"dataset.eval.fraction {fraction} of {len(ds)} rows leaves {n_eval} evaluation and "
+            f"{len(ds) - n_eval} training rows: both need at least one (use more data or another fraction)"
+        )
+    parts = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------
+
+
+def load_raw(spec: api.Dataset, split: str, store: Store, work_dir: Path) -> RawSplit:
+    """Read one split from the dataset's source."""
+    loaders = {"jsonl": load_files, "parquet": load_files, "huggingface": load_huggingface, "deeplake": load_deeplake}
+    raw = loaders[spec.source](spec, split, store, work_dir)
+    if raw.num_rows == 0:
+        raise InvalidDataset(f"the dataset {spec.uri} (split {split!r}) is empty: it has no rows")
+    return raw
+
+
+def _select_files(names: list[str], ext: tuple[str, ...], split: str, is_train: bool, uri: str) -> list[str]:
+    """Files of a folder that hold ``split`` (see the module docstring for the layout)."""
+    data = sorted(n for n in names if n.endswith(ext) and not Path(n).name.startswith("."))
+    if not data:
+        raise InvalidDataset(f"the dataset folder {uri} holds no {'/'.join(ext)} files")
+    named = [n for n in data if Path(n).name.split(".")[0] == split
+             or Path(n).name.startswith((f"{split}-", f"{split}_")) or n.startswith(f"{split}/")]
+    if named:
+        return named
+    if is_train:
+        return data
+    raise InvalidDataset(
+        f"the dataset folder {uri} has no file for split {split!r} (expected {split}{ext[0]} or {split}-*{ext[0]}); "
+        f"files: {', '.join(data[:10])}"
+    )
+
+
+def _fetch_files(spec: api.Dataset, split: str, store: Store, work_dir: Path) -> list[Path]:
+    """Local paths of the data files of ``split`` (downloaded first when on S3)."""
+    ext = EXTENSIONS[spec.source]
+    is_train = split == spec.split
+    if is_s3(spec.uri):
+        names = store.list(spec.uri)
+        if not names:
+            if not store.exists(spec.uri):
+                raise InvalidDataset(f"the dataset {spec.uri} does not exist")
+            if not is_train:
+                raise InvalidDataset(f"dataset.eval.split {split!r} needs dataset.uri to be a folder, not one file")
+            dest = work_dir / "data" / Path(spec.uri).name
+            store.download_file(spec.uri, dest)
+            return [dest]
+        chosen = _select_files(names, ext, split, is_train, spec.uri)
+        local = work_dir / "data" / split
+        for rel in chosen:
+            store.download_file(join(spec.uri, rel), local / rel)
+        return [local / rel for rel in chosen]
+    path = Path(spec.uri.removeprefix("file://"))
+    if path.is_file():
+        if not is_train:
+            raise InvalidDataset(f"dataset.eval.split {split!r} needs dataset.uri to be a folder, not one file")
+        return [path]
+    if path.is_dir():
+        names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+        return [path / n for n in _select_files(names, ext, split, is_train, spec.uri)]
+    raise InvalidDataset(f"the dataset {spec.uri} does not exist")
+
+
+def load_files(spec: api.Dataset, split: str, store: Store, work_dir: Path) -> RawSplit:
+    """JSONL or Parquet files."""
+    files = _fetch_files(spec, split, store, work_dir)
+    if spec.source == "jsonl":
+        rows: list[dict[str, Any]] = []
+        for path in files:
+            rows.extend(read_jsonl(path))
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        return RawSplit(split, columns, len(rows), lambda c: [row.get(c, MISSING) for row in rows])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        tables = [pq.read_table(path) for path in files]
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    except (pa.ArrowException, OSError) as err:
+        raise InvalidDataset(f"cannot read the Parquet data of {spec.uri}: {err}") from err
+    return RawSplit(split, table.column_names, table.num_rows, lambda c: table.column(c).to_pylist())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line (blank lines skipped); a bad line is named by its number."""
+    opener: Any = open
+    if path.name.endswith(".gz"):
+        import gzip
+
+        opener = gzip.open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InvalidDataset(f"{path.name} line {number} is not valid JSON: {err.msg} (column {err.colno})") \
+                    from None
+            if not isinstance(row, dict):
+                raise InvalidDataset(f"{path.name} line {number} is a JSON {type(row).__name__}, not an object")
+            rows.append(row)
+    return rows
+
+
+def load_huggingface(spec: api.Dataset, split: str, store: Store, work_dir: Path) -> RawSplit:
+    """A ``save_to_disk`` folder (local or S3) or a hub dataset id."""
+    import datasets
+
+    local = Path(spec.uri.removeprefix("file://"))
+    if is_s3(spec.uri):
+        local = work_dir / "data" / "huggingface"
+        if not (local / ".complete").exists():
+            if not store.list(spec.uri):
+                raise InvalidDataset(f"the dataset {spec.uri} does not exist or is empty")
+            store.download_dir(spec.uri, local)
+            (local / ".complete").touch()
+    if local.exists():
+        try:
+            loaded = datasets.load_from_disk(str(local))
+        except (FileNotFoundError, ValueError) as err:
+            raise InvalidDataset(f"{spec.uri} is not a datasets save_to_disk folder: {err}") from err
+    else:
+        token = os.environ.get(contract.ENV_DATASET_TOKEN) or os.environ.get(contract.ENV_HF_TOKEN)
+        try:
+            loaded = datasets.load_dataset(spec.uri, token=token)
+        except (FileNotFoundError, ValueError, ConnectionError) as err:
+            raise InvalidDataset(f"cannot load the dataset {spec.uri!r} (not a local folder; from the hub: {err})") \
+                from err
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise InvalidDataset(f"the dataset {spec.uri} has no split {split!r}; splits: {', '.join(loaded)}")
+        ds = loaded[split]
+    elif split != spec.split:
+        raise InvalidDataset(f"the dataset {spec.uri} is a single split: dataset.eval.split {split!r} cannot exist "
+                             "(use dataset.eval.fraction)")
+    else:
+        ds = loaded
+    return RawSplit(split, list(ds.column_names), len(ds), lambda c: list(ds[c]))
+
+
+def deeplake_creds(store: Store) -> dict[str, str]:
+    """The job's storage endpoint and credentials in Deep Lake's terms."""
+    args = store._client_args
+    creds = {"aws_region": str(args["region"])}
+    if args.get("access_key"):
+        creds["aws_access_key_id"] = str(args["access_key"])
+    if args.get("secret_key"):
+        creds["aws_secret_access_key"] = str(args["secret_key"])
+    if args.get("endpoint"):
+        creds["endpoint_url"] = str(args["endpoint"])
+    return creds
+
+
+def _plain(value: Any) -> Any:
+    """Deep Lake values (numpy arrays, Dict objects) as plain Python values."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def load_deeplake(spec: api.Dataset, split: str, store: Store, work_dir: Path) -> RawSplit:
+    """A Deep Lake 4 dataset (no named splits: use eval.fraction)."""
+    import deeplake
+
+    if split != spec.split:
+        raise InvalidDataset("Deep Lake datasets have no named splits: use dataset.eval.fraction")
+    uri = spec.uri
+    kwargs: dict[str, Any] = {}
+    if is_s3(uri):
+        kwargs["creds"] = deeplake_creds(store)
+    elif uri.startswith(("hub://", "al://")):
+        kwargs["token"] = os.environ.get(contract.ENV_DATASET_TOKEN)
+    elif "://" not in uri:
+        if not Path(uri).exists():
+            raise InvalidDataset(f"the dataset {uri} does not exist")
+        uri = f"file://{Path(uri).resolve()}"
+    try:
+        ds = deeplake.open_read_only(uri, **kwargs)
+    except Exception as err:  # noqa: BLE001 - deeplake raises its own hierarchy for every failure
+        raise InvalidDataset(f"cannot open the Deep Lake dataset {spec.uri}: {type(err).__name__}: {err}") from err
+    columns = [column.name for column in ds.schema.columns]
+    return RawSplit(split, columns, len(ds), lambda c: [_plain(v) for v in ds[c][:]])  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats
+# ----------------------------------------------------------------------------------------------
+
+
+def template_fields(template: str) -> list[str]:
+    """Column names a format string uses (``{a}``, ``{a.b}``, ``{a[0]}`` -> ``a``)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise InvalidDataset(f"dataset.template is not a valid format string: {err}") from err
+    fields = []
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        root = name.split(".")[0].split("[")[0]
+        if not root or root.isdigit():
+            raise InvalidDataset(
+                "dataset.template must name its columns ({column}), positional fields like {} or {0} are not allowed"
+            )
+        fields.append(root)
+    return list(dict.fromkeys(fields))
+
+
+def required_columns(spec: api.Dataset) -> dict[str, str]:
+    """Column -> the spec field that names it, for the chosen format."""
+    if spec.format == "text":
+        return {spec.text_field: "dataset.textField"}
+    if spec.format == "template":
+        return {field: "a field of dataset.template" for field in template_fields(spec.template or "")}
+    if spec.format == "promptCompletion":
+        return {spec.prompt_field: "dataset.promptField", spec.completion_field: "dataset.completionField"}
+    return {spec.messages_field: "dataset.messagesField"}
+
+
+def check_columns(raw: RawSplit, spec: api.Dataset) -> None:
+    missing = [(col, why) for col, why in required_columns(spec).items() if col not in raw.columns]
+    if missing:
+        named = "; ".join(f"{why} {col!r}" for col, why in missing)
+        raise InvalidDataset(
+            f"the dataset {spec.uri} (split {raw.name!r}) has no column {named}; columns present: "
+            f"{', '.join(raw.columns) or '(none)'}"
+        )
+
+
+def _describe(value: Any) -> str:
+    if value is MISSING:
+        return "missing"
+    if value is None:
+        return "null"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def _raise_problems(problems: list[str], total: int, what: str) -> None:
+    if problems:
+        more = f" (and {total - len(problems)} more)" if total > len(problems) else ""
+        raise InvalidDataset(f"{what}: " + "; ".join(problems) + more)
+
+
+def string_column(raw: RawSplit, column: str) -> list[str]:
+    """A column whose every value must be a string; the first bad rows are named."""
+    values = raw.get(column)
+    problems: list[str] = []
+    bad = 0
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            bad += 1
+            if len(problems) < MAX_LISTED:
+                problems.append(f"row {row} is {_describe(value)}")
+    _raise_problems(problems, bad, f"column {column!r} must hold strings")
+    return values
+
+
+def check_messages(value: Any, row: int) -> list[dict[str, str]] | str:
+    """A conversation as a list of {role, content}; returns it normalised or the problem."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return f"row {row} is a string that is not a JSON list of messages"
+    if not isinstance(value, list) or not value:
+        return f"row {row} is {_describe(value)}, not a non-empty list of messages"
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            return f"row {row} message {i} is {_describe(msg)}, not an object with role and content"
+        role, content = msg.get("role", MISSING), msg.get("content", MISSING)
+        if role not in ROLES:
+            return f"row {row} message {i} has role {_describe(role)}; roles: {', '.join(ROLES)}"
+        if not isinstance(content, str):
+            return f"row {row} message {i} ({role}) has content {_describe(content)}, not a string"
+        out.append({"role": role, "content": content})
+    return out
+
+
+def format_rows(raw: RawSplit, spec: api.Dataset) -> dict[str, list[Any]]:
+    """Check the rows and build TRL's columns (see the module docstring)."""
+    check_columns(raw, spec)
+    if spec.format == "text":
+        return {"text": string_column(raw, spec.text_field)}
+    if spec.format == "promptCompletion":
+        return {"prompt": string_column(raw, spec.prompt_field),
+                "completion": string_column(raw, spec.completion_field)}
+    if spec.format == "template":
+        fields = template_fields(spec.template or "")
+        columns = {field: raw.get(field) for field in fields}
+        problems: list[str] = []
+        texts: list[str] = []
+        bad = 0
+        for row in range(raw.num_rows):
+            values = {field: columns[field][row] for field in fields}
+            wrong = [f"{field!r} is {_describe(v)}" for field, v in values.items()
+                     if v is MISSING or v is None or isinstance(v, bytes)]
+            if wrong:
+                bad += 1
+                if len(problems) < MAX_LISTED:
+                    problems.append(f"row {row}: " + ", ".join(wrong))
+                continue
+            try:
+                texts.append((spec.template or "").format(**values))
+            except (KeyError, IndexError, AttributeError, TypeError, ValueError) as err:
+                raise InvalidDataset(f"dataset.template cannot be applied to row {row}: "
+                                     f"{type(err).__name__}: {err}") from err
+        _raise_problems(problems, bad, "dataset.template fields must have values")
+        return {"text": texts}
+    conversations, problems, bad = [], [], 0
+    for row, value in enumerate(raw.get(spec.messages_field)):
+        checked = check_messages(value, row)
+        if isinstance(checked, str):
+            bad += 1
+            if len(problems) < MAX_LISTED:
+                problems.append(checked)
+        else:
+            conversations.append(checked)
+    _raise_problems(problems, bad, f"column {spec.messages_field!r} must hold conversations")
+    return {"messages": conversations}
+
+
+def drop_empty(columns: dict[str, list[Any]], split: str) -> dict[str, list[Any]]:
+    """Rows with nothing to learn from (empty text or completion) are dropped, and counted in the log."""
+    key = "text" if "text" in columns else "completion" if "completion" in columns else None
+    if key is None:
+        return columns
+    keep = [i for i, value in enumerate(columns[key]) if value.strip()]
+    if len(keep) < len(columns[key]):
+        log.warning("split %s: dropped %d rows whose %s is empty", split, len(columns[key]) - len(keep), key)
+        columns = {name: [values[i] for i in keep] for name, values in columns.items()}
+    return columns
+
+
+def format_split(raw: RawSplit, spec: api.Dataset) -> Any:
+    """A ``datasets.Dataset`` with TRL's columns for one split."""
+    import datasets
+
+    columns = drop_empty(format_rows(raw, spec), raw.name)
+    if not next(iter(columns.values())):
+        raise InvalidDataset(f"the dataset {spec.uri} (split {raw.name!r}) has no non-empty samples")
+    return datasets.Dataset.from_dict(columns)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token-level checks (need the tokenizer, not the model)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenStats:
+    samples: int
+    tokens: int  # tokens in all samples (before truncation)
+    trainable: int  # tokens that carry loss after truncation to maxLength
+    too_long: int  # samples longer than maxLength
+    shortest: int
+    longest: int
+
+
+def _lengths(ds: Any, tokenizer: Any, chat_template: str | None) -> Iterable[tuple[int, int]]:
+    """(total tokens, tokens that carry no loss) per sample, counted the way TRL tokenizes."""
+    eos = 1  # TRL appends EOS to text and completions
+    if "text" in ds.column_names:
+        for ids in tokenizer(list(ds["text"]), add_special_tokens=True)["input_ids"]:
+            yield len(ids) + eos, 0
+    elif "prompt" in ds.column_names:
+        prompts = tokenizer(list(ds["prompt"]))["input_ids"]
+        full = tokenizer([p + c for p, c in zip(ds["prompt"], ds["completion"], strict=True)])["input_ids"]
+        for p, f in zip(prompts, full, strict=True):
+            yield len(f) + eos, len(p)
+    else:
+        for messages in ds["messages"]:
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, chat_template=chat_template)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            untrained = 0 if any(m["role"] == "assistant" for m in messages) else len(ids)
+            yield len(ids), untrained
+
+
+def check_tokens(ds: Any, tokenizer: Any, max_length: int, packing: str, assistant_only: bool = False,
+                 chat_template: str | None = None) -> TokenStats:
+    """Fail when nothing can be trained: every sample longer than maxLength (bfd/none truncate them)
+    or no token left to carry loss (prompts filling maxLength; no assistant turn at all)."""
+    samples = tokens = trainable = too_long = 0
+    shortest, longest = 1 << 62, 0
+    for total, untrained in _lengths(ds, tokenizer, chat_template):
+        samples += 1
+        tokens += total
+        shortest, longest = min(shortest, total), max(longest, total)
+        if total > max_length:
+            too_long += 1
+        kept = total if packing == "wrapped" else min(total, max_length)
+        if not assistant_only and "messages" in ds.column_names:
+            untrained = 0
+        trainable += max(0, kept - untrained)
+    if trainable == 0:
+        what = ("no conversation has an assistant turn" if "messages" in ds.column_names
+                else f"every prompt fills training.maxLength={max_length} tokens, so no completion token is trained")
+        raise InvalidDataset(f"the dataset has zero trainable tokens: {what}")
+    if packing != "wrapped" and samples and too_long == samples:
+        raise InvalidDataset(
+            f"all {samples} samples are longer than training.maxLength={max_length} tokens (shortest {shortest}): "
+            "they would all be cut; raise training.maxLength or shorten the samples"
+        )
+    if too_long:
+        log.warning("%d of %d samples are longer than maxLength=%d and will be %s", too_long, samples, max_length,
+                    "split across rows" if packing == "wrapped" else "truncated")
+    return TokenStats(samples, tokens, trainable, too_long, shortest, longest)

@@ -1,0 +1,176 @@
+"""Model and tokenizer loading from a ``spec.model`` source, shared by the train and merge recipes.
+
+* :func:`resolve_model` turns ``model.uri`` (an ``s3://`` folder written by ``save_pretrained``)
+  into a local folder (parallel download, retried), or returns ``model.name`` as is (a hub id,
+  honouring ``HF_HUB_OFFLINE``/``HF_ENDPOINT``/``HF_TOKEN``, or a local path).
+  ``tokenizer_only=True`` fetches just the small tokenizer/config files, so data can be checked
+  against the tokenizer before gigabytes of weights move.
+* :func:`load_tokenizer` sets a pad token when the model has none (and says which).
+* :func:`quantization_config` / :func:`lora_config` map the spec onto bitsandbytes / peft.
+* :func:`load_model` loads the base (4-bit NF4 by default) ready for k-bit training.
+
+Heavy libraries (torch, transformers, peft) are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kubetune import api, contract
+from kubetune_trainer.storage import Store, join
+
+log = logging.getLogger("kubetune.modeling")
+
+# Everything AutoTokenizer/AutoConfig may read; never the weights.
+TOKENIZER_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.model", "*.tiktoken", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+    "additional_chat_templates/*",
+)
+
+
+def is_tokenizer_file(rel: str) -> bool:
+    """Whether a file of a model folder is needed to load only the tokenizer and config."""
+    return any(fnmatch.fnmatch(rel, pattern) for pattern in TOKENIZER_FILES)
+
+
+def download_model(store: Store, uri: str, dest: Path, tokenizer_only: bool = False) -> Path:
+    """Download an s3:// model folder into ``dest`` (parallel, retried by boto3). Files already
+    there are kept, so the full download after a tokenizer-first one fetches only the rest."""
+    rels = store.list(uri)
+    if not rels:
+        from kubetune_trainer.runtime import StorageError
+
+        raise StorageError(f"the model folder {uri} is empty or does not exist")
+    if tokenizer_only:
+        rels = [r for r in rels if is_tokenizer_file(r)]
+    dest.mkdir(parents=True, exist_ok=True)
+    todo = [r for r in rels if not (dest / r).is_file()]
+    with ThreadPoolExecutor(store.workers) as pool:
+        list(pool.map(lambda r: store.download_file(join(uri, r), dest / r), todo))
+    log.info("model %s: %d files in %s (%d downloaded)", uri, len(rels), dest, len(todo))
+    return dest
+
+
+def resolve_model(source: api.ModelSource, store: Store, work_dir: Path, tokenizer_only: bool = False) -> str:
+    """A name or local path that ``from_pretrained`` accepts for this model source."""
+    if source.uri:
+        return str(download_model(store, source.uri, work_dir / "model", tokenizer_only=tokenizer_only))
+    assert source.name is not None
+    return source.name
+
+
+def hub_kwargs(source: api.ModelSource) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments common to the tokenizer and the model."""
+    kwargs: dict[str, Any] = {"trust_remote_code": source.trust_remote_code}
+    if source.name and source.revision:
+        kwargs["revision"] = source.revision
+    token = os.environ.get(contract.ENV_HF_TOKEN)
+    if source.name and token:
+        kwargs["token"] = token
+    return kwargs
+
+
+def load_tokenizer(path: str, source: api.ModelSource) -> Any:
+    """Load the tokenizer; when it has no pad token, use eos (or unk) and log the choice."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs(source))
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+            log.warning("the tokenizer has no pad, eos or unk token: added <|pad|>")
+        else:
+            tokenizer.pad_token = fallback
+            log.info("the tokenizer has no pad token: using %r", fallback)
+    return tokenizer
+
+
+def use_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def bf16_supported() -> bool:
+    """bf16 is only worth it on a GPU that supports it (CPU bf16 without AMX is emulated and slow)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def compute_dtype(quant: api.Quantization) -> Any:
+    """The dtype the base computes in: the spec's on a GPU, float32 on CPU (no fast bf16/fp16 there)."""
+    import torch
+
+    wanted = getattr(torch, quant.compute_dtype)
+    if not use_cuda() and wanted != torch.float32:
+        log.info("no GPU: computing in float32 instead of %s", quant.compute_dtype)
+        return torch.float32
+    if wanted == torch.bfloat16 and not bf16_supported():
+        log.info("this GPU has no bfloat16: computing in float16")
+        return torch.float16
+    return wanted
+
+
+def quantization_config(quant: api.Quantization) -> Any | None:
+    """BitsAndBytesConfig for 4/8-bit; None for bits 16 (plain LoRA)."""
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 16:
+        return None
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(quant),
+    )
+
+
+def lora_config(lora: api.Lora) -> Any:
+    """peft LoraConfig from spec.lora (``[all-linear]`` becomes peft's ``"all-linear"`` shortcut)."""
+    from peft import LoraConfig
+
+    targets: str | list[str] = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=targets,
+        use_rslora=lora.use_rslora,
+        modules_to_save=lora.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_model(path: str, source: api.ModelSource, quant: api.Quantization, gradient_checkpointing: bool) -> Any:
+    """The frozen base: bitsandbytes 4/8-bit (QLoRA) or unquantized (bits 16), ready for k-bit training."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(quant)
+    kwargs: dict[str, Any] = {"dtype": dtype, **hub_kwargs(source)}
+    bnb = quantization_config(quant)
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+        kwargs["device_map"] = {"": 0} if use_cuda() else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if bnb is not None:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    log.info("loaded %s (%s, %d-bit, %s attention)", source.display(), dtype, quant.bits,
+             model.config._attn_implementation)
+    return model

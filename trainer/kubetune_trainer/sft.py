@@ -1,0 +1,311 @@
+"""FineTuneJob recipe: packed QLoRA supervised fine-tuning, from a spec to an adapter in storage.
+
+What the trainer pod runs (the operator mounts the resolved spec), and how to run it by hand::
+
+    kubetune train --spec finetune.json          # in the pod: KUBETUNE_* env, AWS_* from the Secret
+    kubetune run examples/finetunejob.yaml --output ./out --max-steps 20   # locally, no cluster
+
+    # finetune.json (a FineTuneJobSpec; a whole manifest works too)
+    {"model": {"uri": "s3://models/llama-3.2-1b"},            # or {"name": "<hub id or local path>"}
+     "quantization": {"bits": 4},                            # NF4 + double quant (QLoRA); 16 = plain LoRA
+     "dataset": {"source": "jsonl", "uri": "s3://data/qa.jsonl", "format": "template",
+                 "template": "Question: {question}\\n\\nAnswer: {answer}", "eval": {"fraction": 0.05}},
+     "training": {"maxSteps": 500, "maxLength": 1024, "packing": "bfd", "saveSteps": 100},
+     "output": {"uri": "s3://models/run-1"},
+     "storage": {"endpoint": "http://minio.storage:9000"}}
+
+Steps, top-down in :func:`train`:
+
+1. Already complete (``<output>/manifest.json`` exists)? Return its result: a retried pod after a
+   success does no work. Otherwise check the output is writable before any heavy work.
+2. Data: load, check and format (:mod:`kubetune_trainer.data`). Bad data fails here, before any
+   weights are downloaded or loaded.
+3. Tokenizer (only the tokenizer files are fetched), then the token-level checks: samples that
+   cannot fit ``maxLength``, zero trainable tokens.
+4. The base model (4-bit NF4 by default, :mod:`kubetune_trainer.modeling`), LoRA via peft.
+5. TRL ``SFTTrainer``: packing ``bfd`` (no attention across packed samples: position_ids restart
+   at every sample, no attention mask) or ``wrapped`` (classic constant-length rows) or none.
+   Callbacks: progress into ``status.progress``, checkpoint upload + ``latest.json`` pointer,
+   SIGTERM -> checkpoint -> exit 7.
+6. Resume from the newest complete checkpoint in storage, if any; train.
+7. Publish: adapter (PEFT format + tokenizer, with its own ``manifest.json`` for the MergeJob),
+   ``spec.json``, ``report.md``, ``loss.png``, the offline W&B run; ``manifest.json`` LAST.
+
+Returns the status result: ``adapterUri``, ``checkpointUri``, ``reportUri``, ``wandbUrl``, ``progress``.
+
+Raises (exit codes in :mod:`kubetune.contract`):
+    InvalidDataset: the data cannot train (names the column, row and fix). No model is loaded.
+    StorageError: output not writable; a download or upload failed after retries (no manifest).
+    Preempted: SIGTERM; a checkpoint was stored first, so the retry resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kubetune import api, contract
+from kubetune_trainer import checkpoints, data, modeling, report
+from kubetune_trainer.runtime import PodContext, Preempted
+from kubetune_trainer.storage import Store, join, read_manifest, write_manifest
+
+log = logging.getLogger("kubetune.sft")
+
+
+def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the fine-tune described by ``spec``; returns the result for the resource status."""
+    out = spec.output.uri.rstrip("/")
+    store = Store.from_spec(spec.storage)
+    work = ctx.work_dir
+
+    # 1. Idempotent: a complete run is never trained twice.
+    finished = read_manifest(store, out)
+    if finished is not None:
+        log.info("%s is already complete (created %s): nothing to do", out, finished.get("createdAt"))
+        return dict(finished.get("result") or {})
+    store.check_writable(out)
+
+    # 2. Data: every row-level check, before any model file moves.
+    ctx.reporter.patch({"message": f"loading dataset {spec.dataset.uri}"})
+    splits = data.load_splits(spec.dataset, store, work, spec.training.seed)
+
+    # 3. Tokenizer, then the token-level checks.
+    tokenizer_path = modeling.resolve_model(spec.model, store, work, tokenizer_only=True)
+    tokenizer = modeling.load_tokenizer(tokenizer_path, spec.model)
+    assistant_only, chat_template = assistant_only_loss(spec.dataset, tokenizer)
+    stats = data.check_tokens(splits.train, tokenizer, spec.training.max_length, spec.training.packing,
+                              assistant_only=assistant_only, chat_template=chat_template)
+
+    # 4. Base model + LoRA.
+    ctx.reporter.patch({"message": f"loading model {spec.model.display()}"})
+    model_path = modeling.resolve_model(spec.model, store, work)
+    model = modeling.load_model(model_path, spec.model, spec.quantization, spec.training.gradient_checkpointing)
+
+    # 5. Trainer with its callbacks.
+    from trl import SFTTrainer
+
+    from kubetune_trainer.callbacks import ProgressReporter
+
+    wandb_on = setup_wandb(spec.tracking, ctx, work)
+    progress = ProgressReporter(ctx.reporter, echo)
+    uploader = checkpoints.CheckpointUploader(store, out, spec.training.keep_checkpoints, ctx.reporter)
+    preemption = checkpoints.PreemptionHandler().install()
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_config(spec.training, work / "trainer", has_eval=splits.eval is not None,
+                            assistant_only=assistant_only, wandb=wandb_on, run_name=ctx.name),
+            train_dataset=splits.train,
+            eval_dataset=splits.eval,
+            processing_class=tokenizer,
+            peft_config=modeling.lora_config(spec.lora),
+            callbacks=[progress, uploader, preemption],
+        )
+        if chat_template is not None and not assistant_only:
+            log.info("the chat template has no {%% generation %%} markers: training on whole conversations")
+        keep_adapter_in_compute_dtype(trainer.model, spec.quantization)
+
+        # 6. Resume from storage, then train.
+        resume = checkpoints.download_latest(store, out, work)
+        if preemption.requested:
+            raise Preempted("SIGTERM before training started: nothing to save, a retry starts over")
+        ctx.reporter.patch({"message": f"training from step {resume[1] if resume else 0}"})
+        outcome = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        if preemption.requested:
+            where = uploader.last["uri"] if uploader.last else "no checkpoint"
+            raise Preempted(f"stopped on SIGTERM at step {trainer.state.global_step}; checkpoint {where}")
+    finally:
+        preemption.uninstall()
+
+    # 7. Publish: files first, manifest last.
+    ctx.reporter.patch({"message": "uploading the adapter and report"})
+    wandb_url = finish_wandb(store, work, out) if wandb_on else None
+    result: dict[str, Any] = {
+        "adapterUri": join(out, contract.ADAPTER_DIR),
+        "reportUri": join(out, contract.REPORT),
+        "progress": progress.progress,
+    }
+    last_checkpoint = uploader.last or checkpoints.latest_pointer(store, out)
+    if last_checkpoint:
+        result["checkpointUri"] = last_checkpoint["uri"]
+    if wandb_url:
+        result["wandbUrl"] = wandb_url
+    log_history = trainer.state.log_history
+    metrics = report.metrics_from(log_history, outcome.metrics)
+    data_stats = {"trainingRows": len(splits.train), "evalRows": len(splits.eval) if splits.eval is not None else 0,
+                  "tokens": stats.tokens, "trainableTokens": stats.trainable, "samplesOverMaxLength": stats.too_long}
+    versions = report.library_versions()
+
+    results_dir = work / "result"
+    shutil.rmtree(results_dir, ignore_errors=True)
+    trainer.save_model(str(results_dir / contract.ADAPTER_DIR))  # PEFT adapter + tokenizer
+    files = publish_adapter(store, results_dir / contract.ADAPTER_DIR, out, spec)
+    (results_dir / "spec.json").write_text(json.dumps(spec.to_wire(), indent=2, sort_keys=True))
+    report.plot_loss(log_history, results_dir / "loss.png", title=ctx.name or spec.model.display())
+    (results_dir / contract.REPORT).write_text(
+        report.render_report(ctx.name or "local run", spec, result, metrics, log_history, versions, data_stats))
+    for name in ("spec.json", "loss.png", contract.REPORT):
+        files[name] = store.upload_file(results_dir / name, join(out, name))
+    if wandb_url and (work / "wandb").is_dir() and not wandb_url.startswith("http"):
+        files.update({f"wandb/{rel}": sha for rel, sha in store.upload_dir(work / "wandb", join(out, "wandb")).items()})
+    write_manifest(store, out, files, kind="FineTuneJob", name=ctx.name, spec=spec.to_wire(), result=result,
+                   metrics=metrics, data=data_stats, versions=versions)
+    log.info("done: adapter at %s", result["adapterUri"])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers (small, pure where possible, tested on their own)
+# ----------------------------------------------------------------------------------------------
+
+
+def assistant_only_loss(dataset: api.Dataset, tokenizer: Any) -> tuple[bool, str | None]:
+    """For ``messages``: train on assistant turns only when the chat template can mark them
+    (``{% generation %}``, natively or through TRL's training templates); else whole conversations.
+    Returns (assistant only?, the chat template used for counting tokens)."""
+    if dataset.format != "messages":
+        return False, None
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = tokenizer.chat_template
+    if template is None:
+        from kubetune_trainer.runtime import InvalidDataset
+
+        raise InvalidDataset("dataset.format is messages but the tokenizer has no chat template")
+    if has_generation_markers(template):
+        return True, None
+    try:
+        patched = get_training_chat_template(tokenizer)
+    except ValueError:
+        log.info("chat template without {%% generation %%} markers and no TRL training template for it: "
+                 "the loss covers whole conversations, not only assistant turns")
+        return False, template
+    log.info("assistant-only loss with TRL's training version of this chat template")
+    return True, patched
+
+
+def optimizer_name(wanted: str) -> str:
+    """``auto``: paged AdamW 32-bit on a GPU (QLoRA's choice), plain AdamW on CPU."""
+    if wanted != "auto":
+        return wanted
+    return "paged_adamw_32bit" if modeling.use_cuda() else "adamw_torch"
+
+
+def sft_config(t: api.Training, output_dir: Path, has_eval: bool, assistant_only: bool, wandb: bool,
+               run_name: str | None) -> Any:
+    """TRL SFTConfig from spec.training. bf16 only when asked and the GPU supports it."""
+    from trl import SFTConfig
+
+    cuda = modeling.use_cuda()
+    bf16 = t.bf16 and modeling.bf16_supported()
+    fp16 = t.bf16 and cuda and not bf16  # asked for mixed precision on a GPU without bf16
+    packing_args: dict[str, Any] = {"packing": t.packing != "none"}
+    if t.packing != "none":
+        packing_args["packing_strategy"] = t.packing
+    return SFTConfig(
+        output_dir=str(output_dir),
+        run_name=run_name,
+        seed=t.seed,
+        max_steps=t.max_steps if t.max_steps else -1,
+        num_train_epochs=t.epochs if t.epochs else 1.0,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a fraction < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=optimizer_name(t.optimizer),
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not cuda,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        max_length=t.max_length,
+        assistant_only_loss=assistant_only,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(t.eval_steps or t.logging_steps) if has_eval else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=1,  # storage keeps keepCheckpoints; the pod's disk keeps one
+        report_to=["wandb"] if wandb else "none",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        **packing_args,
+    )
+
+
+def keep_adapter_in_compute_dtype(model: Any, quant: api.Quantization) -> None:
+    """TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice on GPUs). On CPU
+    bf16 is emulated and slow, so there the trainable weights go back to the float32 compute dtype."""
+    import torch
+
+    dtype = modeling.compute_dtype(quant)
+    if modeling.use_cuda() or dtype != torch.float32:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def publish_adapter(store: Store, local: Path, out: str, spec: api.FineTuneJobSpec) -> dict[str, str]:
+    """Upload the adapter folder and its own manifest (what a MergeJob checks); returns the files
+    for the run manifest, keyed under ``adapter/``."""
+    adapter_uri = join(out, contract.ADAPTER_DIR)
+    adapter_files = store.upload_dir(local, adapter_uri)
+    write_manifest(store, adapter_uri, adapter_files, kind="adapter", spec=spec.to_wire(),
+                   baseModel=spec.model.to_wire())
+    files = {f"{contract.ADAPTER_DIR}/{rel}": sha for rel, sha in adapter_files.items()}
+    stored = store.get_text(join(adapter_uri, contract.MANIFEST)) or ""
+    files[f"{contract.ADAPTER_DIR}/{contract.MANIFEST}"] = hashlib.sha256(stored.encode()).hexdigest()
+    return files
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights & Biases
+# ----------------------------------------------------------------------------------------------
+
+
+def setup_wandb(tracking: api.Tracking | None, ctx: PodContext, work: Path) -> bool:
+    """Configure W&B through its environment variables; the run id is stable across pod retries,
+    so a resumed job continues the same run. Returns whether W&B reports."""
+    cfg = tracking.wandb if tracking else None
+    if cfg is None or cfg.mode == "disabled":
+        return False
+    os.environ["WANDB_PROJECT"] = cfg.project
+    os.environ["WANDB_MODE"] = cfg.mode
+    os.environ["WANDB_DIR"] = str(work)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if cfg.entity:
+        os.environ["WANDB_ENTITY"] = cfg.entity
+    if cfg.host:
+        os.environ["WANDB_BASE_URL"] = cfg.host
+    uid = os.environ.get(contract.ENV_UID)
+    if uid:
+        os.environ["WANDB_RUN_ID"] = f"{ctx.name or 'run'}-{uid[:8]}"
+        os.environ["WANDB_RESUME"] = "allow"
+    (work / "wandb").mkdir(parents=True, exist_ok=True)
+    return True
+
+
+def finish_wandb(store: Store, work: Path, out: str) -> str | None:
+    """Close the run; its URL online, or where its offline folder is stored."""
+    import wandb
+
+    run = wandb.run
+    offline = os.environ.get("WANDB_MODE") == "offline"
+    url = None if run is None or offline else run.url
+    if run is not None:
+        run.finish()
+    if offline or url is None:
+        return join(out, "wandb") if (work / "wandb").is_dir() else None
+    return url
