@@ -23,6 +23,7 @@ system-deps: ## Debian packages the tests use (lua5.4 runs the Argo CD health ch
 
 cluster-build: ## build the local control plane (kube-apiserver, controller-manager, scheduler, kwok, etcd) once, cached
 	python3 hack/cluster.py build
+	bash hack/build-helm.sh
 
 test: install cluster-build ## all tests: unit, integration (real apiserver + S3), e2e, slow (SmolLM2)
 	$(PY) -m pytest $(PYTEST_ARGS)

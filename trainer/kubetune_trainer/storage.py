@@ -10,6 +10,7 @@ can write results to disk with the same code. Every failure that survives the re
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import hashlib
 import json
@@ -205,14 +206,14 @@ class Store:
             raise self._fail("check", uri, err) from err
 
     # -- folders --------------------------------------------------------------------------------
-    def list(self, uri: str) -> list[str]:
+    def list(self, uri: str) -> builtins.list[str]:
         """Keys under a folder, relative to it, sorted."""
         if not is_s3(uri):
             root = _local(uri)
             return _files(root) if root.is_dir() else []
         bucket, prefix = split_s3(uri)
         prefix = f"{prefix}/" if prefix else ""
-        keys: list[str] = []
+        keys: builtins.list[str] = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                 keys.extend(obj["Key"][len(prefix):] for obj in page.get("Contents", []))
@@ -227,7 +228,7 @@ class Store:
             digests = list(pool.map(lambda r: self.upload_file(Path(local) / r, join(uri, r)), rels))
         return dict(zip(rels, digests, strict=True))
 
-    def download_dir(self, uri: str, local: Path) -> list[Path]:
+    def download_dir(self, uri: str, local: Path) -> builtins.list[Path]:
         rels = self.list(uri)
         if not rels:
             raise StorageError(f"{uri} is empty or does not exist")
