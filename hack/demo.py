@@ -293,7 +293,7 @@ def run_demo(args: argparse.Namespace, workdir: Path) -> int:
         for sample in ms.get("samples") or []:
             print(f"  sample (merge pod): {sample['prompt']!r} -> {sample['output']!r}")
 
-        say("a generation from the merged model, downloaded from S3 and loaded with plain transformers")
+        say("a generation from the merged model, downloaded from S3, loaded with plain transformers (raw prompt)")
         prompt = mj["spec"]["verify"]["prompts"][0]
         text = generate(download(s3, ms["mergedUri"], workdir / "merged"), prompt)
         print(f"{prompt}{text}\n")

@@ -32,6 +32,7 @@ def test_operator_package_imports_by_its_own_name() -> None:
 
 
 def test_cli_lists_every_entry_point() -> None:
-    out = subprocess.run([str(Path(sys.executable).parent / "kubetune"), "--help"], check=True, capture_output=True, text=True).stdout
+    kubetune = str(Path(sys.executable).parent / "kubetune")
+    out = subprocess.run([kubetune, "--help"], check=True, capture_output=True, text=True).stdout
     for command in ("operator", "train", "merge", "run", "crds", "validate"):
         assert f"  {command} " in out, f"`kubetune {command}` missing:\n{out}"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubetune_trainer import runtime
 from manifests import minimal_ftj
 
 from kubetune import api, contract
-from kubetune_trainer import runtime
 
 
 def test_load_spec_accepts_a_manifest_or_a_bare_spec_in_yaml_or_json(tmp_path: Path) -> None:

@@ -8,10 +8,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from kubetune import api
 from kubetune_trainer import storage
 from kubetune_trainer.runtime import StorageError
+
+from kubetune import api
 
 
 def make_tree(root: Path) -> dict[str, bytes]:

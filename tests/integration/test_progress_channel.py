@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 from kubetune_operator import builders
-from manifests import minimal_ftj
-
 from kubetune_trainer.runtime import StatusReporter
+from manifests import minimal_ftj
 
 pytestmark = pytest.mark.integration
 BASE = "/apis/kubetune.dev/v1alpha1/namespaces/{ns}/finetunejobs"

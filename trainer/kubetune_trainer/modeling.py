@@ -153,13 +153,24 @@ def lora_config(lora: api.Lora) -> Any:
     )
 
 
+def attention_implementation() -> str:
+    """``flash_attention_2`` when a GPU and the flash-attn package are there: with TRL's padding-free
+    bfd batches it runs varlen (``cu_seq_lens``), each sample attending only to itself, no mask.
+    Else ``sdpa`` (see :func:`kubetune_trainer.sft.micro_batching` for what bfd needs then)."""
+    import importlib.util
+
+    if use_cuda() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_model(path: str, source: api.ModelSource, quant: api.Quantization, gradient_checkpointing: bool) -> Any:
     """The frozen base: bitsandbytes 4/8-bit (QLoRA) or unquantized (bits 16), ready for k-bit training."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(quant)
-    kwargs: dict[str, Any] = {"dtype": dtype, **hub_kwargs(source)}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention_implementation(), **hub_kwargs(source)}
     bnb = quantization_config(quant)
     if bnb is not None:
         kwargs["quantization_config"] = bnb

@@ -135,7 +135,7 @@ class StatusReporter:
         if not self.enabled:
             return False
         try:
-            token = Path(self.token_file).read_text().strip()  # re-read: projected tokens rotate
+            token = Path(self.token_file or "").read_text().strip()  # re-read: projected tokens rotate
             body = json.dumps({"status": status}).encode()
             req = urllib.request.Request(self.url(), data=body, method="PATCH", headers={
                 "Authorization": f"Bearer {token}",

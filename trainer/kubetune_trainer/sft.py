@@ -100,7 +100,8 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
         trainer = SFTTrainer(
             model=model,
             args=sft_config(spec.training, work / "trainer", has_eval=splits.eval is not None,
-                            assistant_only=assistant_only, wandb=wandb_on, run_name=ctx.name),
+                            assistant_only=assistant_only, wandb=wandb_on, run_name=ctx.name,
+                            varlen_attention=model.config._attn_implementation.startswith("flash")),
             train_dataset=splits.train,
             eval_dataset=splits.eval,
             processing_class=tokenizer,
@@ -197,14 +198,27 @@ def optimizer_name(wanted: str) -> str:
     return "paged_adamw_32bit" if modeling.use_cuda() else "adamw_torch"
 
 
+def micro_batching(t: api.Training, varlen_attention: bool) -> tuple[int, int]:
+    """(rows per micro-batch, accumulation steps) for spec.training's batchSize x gradientAccumulationSteps.
+
+    bfd packing is padding-free: TRL concatenates a micro-batch into ONE row. Without a varlen kernel
+    (flash attention), sdpa then attends over a dense (rows x maxLength)^2 block mask: 4x the attention
+    of 4 separate rows, 2.8x slower end to end on an H100 (docs/benchmarks.md). One packed row per
+    micro-batch keeps every row at maxLength, with the same tokens (and loss) per optimizer step."""
+    if t.packing == "bfd" and not varlen_attention and t.batch_size > 1:
+        return 1, t.batch_size * t.gradient_accumulation_steps
+    return t.batch_size, t.gradient_accumulation_steps
+
+
 def sft_config(t: api.Training, output_dir: Path, has_eval: bool, assistant_only: bool, wandb: bool,
-               run_name: str | None) -> Any:
+               run_name: str | None, varlen_attention: bool = False) -> Any:
     """TRL SFTConfig from spec.training. bf16 only when asked and the GPU supports it."""
     from trl import SFTConfig
 
     cuda = modeling.use_cuda()
     bf16 = t.bf16 and modeling.bf16_supported()
     fp16 = t.bf16 and cuda and not bf16  # asked for mixed precision on a GPU without bf16
+    micro_batch, accumulation = micro_batching(t, varlen_attention)
     packing_args: dict[str, Any] = {"packing": t.packing != "none"}
     if t.packing != "none":
         packing_args["packing_strategy"] = t.packing
@@ -214,9 +228,9 @@ def sft_config(t: api.Training, output_dir: Path, has_eval: bool, assistant_only
         seed=t.seed,
         max_steps=t.max_steps if t.max_steps else -1,
         num_train_epochs=t.epochs if t.epochs else 1.0,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=micro_batch,
+        per_device_eval_batch_size=micro_batch,
+        gradient_accumulation_steps=accumulation,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a fraction < 1 is a ratio of the total steps
