@@ -527,6 +527,8 @@ class JobStatusBase(ApiModel):
 class FineTuneJobStatus(JobStatusBase):
     """Observed state of a FineTuneJob."""
 
+    model: str | None = None
+    """Base model (spec.model name or uri), shown by kubectl get."""
     progress: Progress | None = None
     """Live progress of the trainer."""
     checkpoint_uri: str | None = None

@@ -163,7 +163,7 @@ def crds() -> dict[str, dict[str, Any]]:
         "FineTuneJob", "finetunejobs", "ftj", api.FineTuneJobSpec, api.FineTuneJobStatus,
         [
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-            {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
+            {"name": "Model", "type": "string", "jsonPath": ".status.model"},
             {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
              "description": "Percent of training steps done"},
             {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},

@@ -28,7 +28,7 @@ RESULT_FIELDS = {
     "MergeJob": ("mergedUri", "adapterUri", "verification", "samples"),
 }
 OWNED_FIELDS = ("phase", "conditions", "message", "observedGeneration", "jobName", "attempts", "startTime",
-                "completionTime")
+                "completionTime", "model")
 # Container waiting reasons that need a human (wrong image, missing Secret key): Stalled.
 STALLED_WAITING = {"ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "ErrImageNeverPull"}
 # Waiting reasons worth surfacing while the pod starts.
@@ -284,6 +284,9 @@ def derive(kind: str, body: dict[str, Any], job: dict[str, Any] | None, pods: li
         "message": v.message,
         "observedGeneration": generation,
     }
+    model = ((body.get("spec") or {}).get("model") or {}) if kind == "FineTuneJob" else {}
+    if model.get("name") or model.get("uri"):
+        status["model"] = model.get("name") or model.get("uri")  # the printer column, name or uri
     if job is not None:
         jst = job.get("status") or {}
         status["jobName"] = job["metadata"]["name"]

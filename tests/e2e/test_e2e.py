@@ -95,6 +95,7 @@ def test_finetune_then_merge(system: System) -> None:
     row = table[name]
     assert list(row) == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "ETA", "AGE"], row
     assert row["PHASE"] == "Succeeded" and row["PROGRESS"] == "100"
+    assert row["MODEL"] == st["model"] and st["model"].startswith("s3://"), row  # spec.model.uri
     assert float(row["LOSS"]) == pytest.approx(progress["loss"], rel=1e-3)
     assert row["ETA"] == progress["eta"] and re.fullmatch(r"\d+[smh].*", row["AGE"]), row
 
