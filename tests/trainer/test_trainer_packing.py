@@ -16,12 +16,12 @@ from kubetune import api
 MAX_LENGTH = 64
 
 
-def build_trainer(model_dir: Path, packing: str, tmp_path: Path, n: int = 24) -> Any:
+def build_trainer(model_dir: Path, packing: str, tmp_path: Path, n: int = 24, max_length: int = MAX_LENGTH) -> Any:
     import datasets
     from trl import SFTTrainer
 
     source = api.ModelSource(name=str(model_dir))
-    training = api.Training(maxSteps=2, maxLength=MAX_LENGTH, batchSize=4, packing=packing,
+    training = api.Training(maxSteps=2, maxLength=max_length, batchSize=4, packing=packing,
                             gradientCheckpointing=False)
     tokenizer = modeling.load_tokenizer(str(model_dir), source)
     model = modeling.load_model(str(model_dir), source, api.Quantization(), gradient_checkpointing=False)
@@ -40,7 +40,8 @@ def first_batch(trainer: Any) -> dict[str, Any]:
 
 @torch.no_grad()
 def test_bfd_packed_samples_do_not_attend_to_each_other(tiny_model_dir: Path, tmp_path: Path) -> None:
-    trainer = build_trainer(tiny_model_dir, "bfd", tmp_path)
+    # bfd trains one packed row of maxLength per micro-batch (sft.micro_batching): make it hold several samples
+    trainer = build_trainer(tiny_model_dir, "bfd", tmp_path, max_length=4 * MAX_LENGTH)
     model = trainer.model
     assert model.config._attn_implementation == "sdpa"
     assert getattr(model.get_base_model(), "is_loaded_in_4bit", False)

@@ -217,3 +217,13 @@ def test_kubetune_run_locally_prints_progress(tiny_model_dir: Path, tmp_path: Pa
     assert "progress: step 1/2 (50%)" in proc.stdout and "progress: step 2/2 (100%)" in proc.stdout
     assert (tmp_path / ".kubetune-work" / "local").is_dir()
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["result"]["progress"]["step"] == 2
+
+
+def test_bfd_without_a_varlen_kernel_trains_one_packed_row_per_micro_batch() -> None:
+    from kubetune_trainer import sft
+
+    t = api.Training(maxSteps=5, batchSize=4, gradientAccumulationSteps=2)
+    assert sft.micro_batching(t, varlen_attention=False) == (1, 8)  # same tokens per optimizer step
+    assert sft.micro_batching(t, varlen_attention=True) == (4, 2)  # flash varlen: rows stay separate
+    wrapped = api.Training(maxSteps=5, batchSize=4, gradientAccumulationSteps=2, packing="wrapped")
+    assert sft.micro_batching(wrapped, varlen_attention=False) == (4, 2)
