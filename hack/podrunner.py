@@ -661,6 +661,7 @@ class PodRunner:
             ENV_API_SERVER: self.kube.server,
             **self.extra_env,
         }
+        base = dict(env)  # the runner's own values (PATH, HOME...) are paths on this machine: never rewritten
         for src in container.get("envFrom") or []:
             prefix = src.get("prefix", "")
             ref = src.get("configMapRef") or src.get("secretRef")
@@ -683,7 +684,7 @@ class PodRunner:
                     value = resource_field_value(container, vf["resourceFieldRef"])
             if value is not None:
                 env[name] = value
-        env = {k: rewrite_path(v, mounts) for k, v in env.items()}
+        env = {k: v if base.get(k) == v else rewrite_path(v, mounts) for k, v in env.items()}
         env[ENV_TERMINATION_LOG] = str(term_file)
         if ENV_SA_DIR not in env:
             sa_dir = mounts.get(SA_MOUNT_PATH) or (str(token_dir) if token_dir else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import podrunner as pr
 import pytest
@@ -92,3 +93,18 @@ def test_key_items():
     data = {"a": "1", "b": "2"}
     assert pr.key_items(data, None) == {"a": "a", "b": "b"}
     assert pr.key_items(data, [{"key": "a", "path": "sub/x.json"}]) == {"sub/x.json": "a"}
+
+
+def test_runner_paths_are_never_rewritten_even_under_a_mount(tmp_path):
+    """A clone under /tmp must still find its venv: only the pod's own env values are rewritten."""
+    from types import SimpleNamespace
+
+    runner = pr.PodRunner.__new__(pr.PodRunner)
+    runner.kube = SimpleNamespace(server="https://127.0.0.1:6443")
+    runner.extra_env = {}
+    runner.bin_dir = Path("/tmp/clone/.venv/bin")
+    pod = {"metadata": {"name": "p", "namespace": "ns", "uid": "u"}, "spec": {}}
+    container = {"env": [{"name": "HF_HOME", "value": "/tmp/hf"}]}
+    env = runner._container_env(pod, container, {"/tmp": str(tmp_path)}, None, tmp_path / "term")
+    assert env["PATH"].startswith("/tmp/clone/.venv/bin")
+    assert env["HF_HOME"] == f"{tmp_path}/hf"
