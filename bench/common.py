@@ -8,7 +8,6 @@ three scripts can run in any order and re-running one leaves the others' tables 
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import platform
@@ -36,13 +35,9 @@ def now_utc() -> str:
 
 def versions(names: Iterable[str] = PACKAGES) -> dict[str, str]:
     """Installed versions of the packages that matter (missing ones are left out)."""
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found
+    from kubetune_trainer.report import library_versions  # the same record the trainer's manifest keeps
+
+    return library_versions(names)
 
 
 def cpu_model() -> str:
