@@ -35,6 +35,8 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 # their defaults in too.
 EMPTY_DEFAULT: dict[str, Any] = {"default": {}}
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+# status.stage is a short phrase; the pod's reporter cuts longer ones so the API server accepts them.
+STAGE_MAX_LENGTH = 256
 
 
 def cel(rule: str, message: str, **extra: str) -> dict[str, str]:
@@ -521,7 +523,9 @@ class JobStatusBase(ApiModel):
     completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     """When it finished."""
     message: str | None = None
-    """Latest human-readable message."""
+    """Latest human-readable message (written by the operator)."""
+    stage: str | None = Field(default=None, max_length=STAGE_MAX_LENGTH)
+    """What the pod reports it is doing now (e.g. `loading model`, `training`); written by the pod, not the operator."""
 
 
 class FineTuneJobStatus(JobStatusBase):

@@ -3,9 +3,10 @@
 Level-based: the status is a function of what exists now, never of the events seen on the way,
 so a restarted operator computes the same status. The operator owns ``phase``, ``conditions``,
 ``message``, ``observedGeneration``, ``jobName``, ``attempts``, ``startTime`` and
-``completionTime``; the trainer's own progress patches (``progress``, ``checkpointUri``, ...) are
+``completionTime``; the pod's own patches (``stage``, ``progress``, ``checkpointUri``, ...) are
 left alone, except that the result fields of the termination message are copied when a pod ends
-(so results arrive even without the progress channel).
+(so results arrive even without the progress channel). While the pod runs, its ``stage`` is
+appended to the operator's ``message``, so one line says both which attempt runs and what it does.
 
 Conditions follow kstatus: ``Ready`` is always present (True once succeeded); ``Reconciling`` is
 True while work is in progress, ``Stalled`` is True when it failed or cannot progress without
@@ -173,11 +174,15 @@ def _failed(job: dict[str, Any], cond: dict[str, Any], failed_pods: list[dict[st
     return Verdict("Failed", safe_reason(job_reason, "Failed"), truncate(job_message + detail), stalled=True)
 
 
-def _active(job: dict[str, Any], pods: list[dict[str, Any]], attempts: int) -> Verdict:
+def _active(job: dict[str, Any], pods: list[dict[str, Any]], attempts: int, stage: str | None) -> Verdict:
     live = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running", None)
             and not p["metadata"].get("deletionTimestamp")]
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    succeeded = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
     if not live:
+        if succeeded:  # the Job controller has not marked the Job Complete yet
+            name = succeeded[-1]["metadata"].get("name", "")
+            return Verdict("Running", "Completing", f"pod {name} succeeded; waiting for the Job to complete")
         if failed:
             last = termination(failed[-1])
             _, message = attempt_failure(last) if last else (None, "the pod failed")
@@ -186,7 +191,8 @@ def _active(job: dict[str, Any], pods: list[dict[str, Any]], attempts: int) -> V
     pod = live[-1]
     name = pod["metadata"].get("name", "")
     if pod["status"].get("phase") == "Running":
-        return Verdict("Running", "Running", f"pod {name} is running (attempt {attempts})")
+        doing = f": {stage}" if stage else ""
+        return Verdict("Running", "Running", truncate(f"pod {name} is running (attempt {attempts}){doing}"))
     scheduler_message = unschedulable(pod)
     if scheduler_message:
         return Verdict("Pending", "Unschedulable", truncate(f"pod {name} cannot be scheduled: {scheduler_message}"))
@@ -197,8 +203,10 @@ def _active(job: dict[str, Any], pods: list[dict[str, Any]], attempts: int) -> V
     return Verdict("Pending", "PodPending", f"pod {name} is starting")
 
 
-def verdict(job: dict[str, Any] | None, pods: list[dict[str, Any]], spec_suspend: bool = False) -> Verdict:
-    """Phase, reason and message of the observed Job and its pods (oldest pod first)."""
+def verdict(job: dict[str, Any] | None, pods: list[dict[str, Any]], spec_suspend: bool = False,
+            stage: str | None = None) -> Verdict:
+    """Phase, reason and message of the observed Job and its pods (oldest pod first); ``stage`` is what
+    the pod last reported doing (``status.stage``), shown while it runs."""
     if job is None:
         return Verdict("Pending", "Creating", "creating the Job")
     pods = by_age(pods)
@@ -217,7 +225,7 @@ def verdict(job: dict[str, Any] | None, pods: list[dict[str, Any]], spec_suspend
                                                      "latest checkpoint")
         return Verdict("Pending", "WaitingForAdmission", "the Job is suspended until it is admitted "
                                                          "(Kueue queue) or resumed")
-    return _active(job, pods, attempts(job, pods))
+    return _active(job, pods, attempts(job, pods), stage)
 
 
 def attempts(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> int:
@@ -277,7 +285,8 @@ def derive(kind: str, body: dict[str, Any], job: dict[str, Any] | None, pods: li
     """
     old = body.get("status") or {}
     generation = int((body.get("metadata") or {}).get("generation") or 1)
-    v = blocked or verdict(job, pods, spec_suspend)
+    stage = old.get("stage") if isinstance(old.get("stage"), str) else None
+    v = blocked or verdict(job, pods, spec_suspend, stage)
     status: dict[str, Any] = {
         "phase": v.phase,
         "conditions": conditions(v, generation, old.get("conditions"), now),

@@ -1,5 +1,6 @@
 """The progress channel is least-privilege: a job's pod token, bound by the operator's own Role
-builder, may patch its own resource's status and nothing else; and it never breaks training."""
+builder, may patch its own resource's status and nothing else; the pod's fields (progress, stage)
+fit the CRD's schema; and the channel never breaks training."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 from kubetune_operator import builders
 from kubetune_trainer.runtime import StatusReporter
 from manifests import minimal_ftj
+
+from kubetune.api import STAGE_MAX_LENGTH
 
 pytestmark = pytest.mark.integration
 BASE = "/apis/kubetune.dev/v1alpha1/namespaces/{ns}/finetunejobs"
@@ -45,6 +48,16 @@ def test_pod_token_patches_only_its_own_status(crds_installed: Any, tmp_path: Pa
     assert ok.patch({"progress": {"step": 3, "totalSteps": 10, "percent": 30, "loss": 2.5}})
     status = cluster.request("GET", f"{BASE.format(ns=ns)}/mine")["status"]
     assert status["progress"] == {"step": 3, "totalSteps": 10, "percent": 30, "loss": 2.5}
+
+    # The pod's stage: cut by the reporter to the CRD's maxLength, which the API server enforces.
+    long_stage = f"loading dataset s3://data/{'x' * 400}.jsonl"
+    assert ok.patch({"stage": long_stage})
+    status = cluster.request("GET", f"{BASE.format(ns=ns)}/mine")["status"]
+    assert status["stage"] == long_stage[:STAGE_MAX_LENGTH - 3] + "..." and "message" not in status
+    assert status["progress"]["step"] == 3  # a merge patch: the progress stays
+    with pytest.raises(Exception, match="422"):
+        cluster.request("PATCH", f"{BASE.format(ns=ns)}/mine/status", {"status": {"stage": long_stage}},
+                        content_type="application/merge-patch+json")
 
     denied = reporter(cluster, tmp_path, ns, "other")  # the same token on another job
     assert denied.patch({"progress": {"step": 99}}) is False and denied.failures == 1

@@ -73,6 +73,35 @@ def test_running(ftj_body):
     assert "completionTime" not in st
 
 
+def test_running_message_appends_the_pods_stage_without_writing_it(ftj_body):
+    body = ftj_body()
+    job, pods = job_dict(active=1), [pod_dict("demo-train-a", "Running")]
+    assert derive(body, job, pods)["message"] == "pod demo-train-a is running (attempt 1)"
+    body["status"] = {"phase": "Running", "stage": "loading model HuggingFaceTB/SmolLM2-135M"}
+    st = derive(body, job, pods)
+    assert st["message"] == "pod demo-train-a is running (attempt 1): loading model HuggingFaceTB/SmolLM2-135M"
+    assert _cond(st, "Reconciling")["message"] == st["message"]
+    assert "stage" not in st and "stage" not in status.OWNED_FIELDS  # the pod owns it
+    assert "stage" not in status.changed(body["status"], st)
+
+
+def test_stage_is_only_shown_while_a_pod_runs(ftj_body, mj_body):
+    body = ftj_body()
+    body["status"] = {"stage": "training from step 0"}  # left by a failed attempt
+    failed = pod_dict("demo-train-a", "Failed",
+                      terminated={"exitCode": 4, "message": term_msg("StorageError", "s3 down")})
+    retrying = derive(body, job_dict(active=0, failed=1), [failed])
+    assert "training" not in retrying["message"] and "s3 down" in retrying["message"]
+    starting = derive(body, job_dict(active=1, failed=1), [failed, pod_dict("demo-train-b", "Pending",
+                                                                              created="2026-01-01T00:10:00Z")])
+    assert starting["message"] == "pod demo-train-b is starting"
+    merge = mj_body()
+    merge["status"] = {"stage": "uploading the merged model to s3://out/merged"}
+    pod = pod_dict("m-a", "Succeeded", terminated={"exitCode": 0, "message": term_msg("Completed", "merged")})
+    done = derive(merge, job_dict("demo-merged-merge", conditions=[jcond("Complete")], succeeded=1), [pod])
+    assert done["message"] == "merged" and "stage" not in done
+
+
 def test_retry_counts_attempts_and_reports_last_failure(ftj_body):
     failed = pod_dict("demo-train-a", "Failed", terminated={"exitCode": 4, "reason": "Error",
                                                              "message": term_msg("StorageError", "s3 down")})
@@ -84,6 +113,15 @@ def test_retry_counts_attempts_and_reports_last_failure(ftj_body):
     st = derive(ftj_body(), job_dict(active=1, failed=1), [running, failed])
     assert st["phase"] == "Running" and st["attempts"] == 2
     assert "attempt 2" in st["message"]
+
+
+def test_pod_succeeded_before_the_job_is_complete_is_still_running(ftj_body):
+    """The watch shows the pod's success before the Job controller marks the Job Complete: the
+    status stays Running (no step back to Pending) until it does."""
+    pod = pod_dict("demo-train-a", "Succeeded", terminated={"exitCode": 0, "message": term_msg("Completed", "ok")})
+    st = derive(ftj_body(), job_dict(active=0), [pod])
+    assert (st["phase"], _cond(st, "Ready")["reason"]) == ("Running", "Completing")
+    assert "demo-train-a succeeded" in st["message"] and not status.is_finished(st)
 
 
 def test_succeeded_copies_results_from_termination_message(ftj_body):

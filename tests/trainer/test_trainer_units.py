@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune_trainer import checkpoints, local_run, modeling, report, sft
+from kubetune_trainer import checkpoints, local_run, modeling, report, runtime, sft
 from kubetune_trainer.callbacks import ProgressReporter, format_duration, progress_fields
-from kubetune_trainer.runtime import StatusReporter, StorageError
+from kubetune_trainer.runtime import PodContext, StatusReporter, StorageError
 from kubetune_trainer.storage import Store
 from trainer_helpers import KUBETUNE, cli_env, qa_rows, spec_doc, write_jsonl
 from transformers import TrainerControl, TrainerState
 
-from kubetune import api
+from kubetune import api, contract
 
 # -- progress ---------------------------------------------------------------------------------
 
@@ -66,6 +66,34 @@ def test_a_status_reporter_without_cluster_never_raises() -> None:
     reporter = StatusReporter("https://127.0.0.1:1", Path("/nonexistent/token"), None, "FineTuneJob", "a", "ns",
                               timeout=1)
     assert reporter.enabled and reporter.patch({"progress": {"step": 1}}) is False
+
+
+def test_run_entry_reports_starting_then_done_with_the_result(tmp_path: Path) -> None:
+    """``starting`` replaces a failed attempt's stage; ``done`` comes with the result, never a ``message``."""
+    ok, failing = Recorder(), Recorder()
+    ctx = PodContext(kind="FineTuneJob", name="ft", namespace="ns", work_dir=tmp_path, reporter=ok,
+                     termination_log=tmp_path / "termination-log")
+    result = {"adapterUri": "s3://b/run/adapter"}
+    assert runtime.run_entry("train", lambda _: result, ctx) == contract.EXIT_OK
+    assert ok.patches == [{"stage": "starting"}, {"adapterUri": "s3://b/run/adapter", "stage": "done"}]
+    assert json.loads(ctx.termination_log.read_text())["result"] == result
+
+    def down(pod: PodContext) -> dict[str, Any]:
+        pod.reporter.patch({"stage": "loading dataset s3://b/data.jsonl"})
+        raise StorageError("s3 down")
+
+    ctx.reporter = failing
+    assert runtime.run_entry("train", down, ctx) == contract.EXIT_STORAGE
+    assert failing.patches == [{"stage": "starting"}, {"stage": "loading dataset s3://b/data.jsonl"}]
+
+
+def test_long_stages_are_cut_to_the_crd_limit() -> None:
+    long = "loading dataset s3://bucket/" + "x" * 1000
+    cut = runtime.bounded({"stage": long, "progress": {"step": 1}})
+    assert len(cut["stage"]) == api.STAGE_MAX_LENGTH and cut["stage"].startswith("loading dataset s3://bucket/xx")
+    assert cut["stage"].endswith("...") and cut["progress"] == {"step": 1}
+    assert runtime.bounded({"stage": "training from step 0"}) == {"stage": "training from step 0"}
+    assert runtime.bounded({"progress": {"step": 2}}) == {"progress": {"step": 2}}
 
 
 # -- checkpoints ------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 * :class:`StatusReporter` is the progress channel: it merge-patches the resource's ``/status`` with
   the pod's own ServiceAccount token. The operator gives each job a ServiceAccount whose Role
   allows ``patch`` on that one resource's status only (``resourceNames``), so a compromised
-  trainer can touch nothing else. The reporter never raises: training goes on if it fails.
+  trainer can touch nothing else. The pod writes ``stage`` (what it is doing now), ``progress`` and
+  its results there; ``message`` belongs to the operator. The reporter never raises: training goes
+  on if it fails.
 * :func:`run_entry` maps failures to exit codes (:mod:`kubetune.contract`) and writes the
   termination message the operator reads when the pod ends, so results arrive without the channel.
 """
@@ -29,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kubetune import contract
+from kubetune.api import GROUP, STAGE_MAX_LENGTH, VERSION
 
 log = logging.getLogger("kubetune")
 
@@ -125,8 +128,6 @@ class StatusReporter:
         )
 
     def url(self) -> str:
-        from kubetune.api import GROUP, VERSION
-
         plural = self.PLURALS[self.kind or ""]
         return f"{self.server}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{plural}/{self.name}/status"
 
@@ -136,7 +137,7 @@ class StatusReporter:
             return False
         try:
             token = Path(self.token_file or "").read_text().strip()  # re-read: projected tokens rotate
-            body = json.dumps({"status": status}).encode()
+            body = json.dumps({"status": bounded(status)}).encode()
             req = urllib.request.Request(self.url(), data=body, method="PATCH", headers={
                 "Authorization": f"Bearer {token}",
                 "Content-Type": "application/merge-patch+json",
@@ -154,6 +155,15 @@ class StatusReporter:
                             "through the termination message): %s %s", err, detail)
                 self._warned = True
             return False
+
+
+def bounded(status: dict[str, Any]) -> dict[str, Any]:
+    """``status`` with its ``stage`` cut to the CRD's maxLength: stages name URIs of any length, and the
+    API server would reject the whole patch (progress included) for one character too many."""
+    stage = status.get("stage")
+    if not isinstance(stage, str) or len(stage) <= STAGE_MAX_LENGTH:
+        return status
+    return {**status, "stage": stage[: STAGE_MAX_LENGTH - 3] + "..."}
 
 
 def _read(path: Path) -> str | None:
@@ -217,6 +227,7 @@ def run_entry(kind: str, fn: Callable[[PodContext], dict[str, Any]], ctx: PodCon
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = ctx or PodContext.from_env(kind)
     started = time.monotonic()
+    ctx.reporter.patch({"stage": "starting"})  # replaces a failed attempt's stage before this one reports
     try:
         result = fn(ctx)
     except KubetuneError as err:
@@ -231,7 +242,7 @@ def run_entry(kind: str, fn: Callable[[PodContext], dict[str, Any]], ctx: PodCon
         message = f"{type(err).__name__}: {err}"
         write_termination_message(ctx.termination_log, "Crashed", message, {})
         return contract.EXIT_CRASH
-    ctx.reporter.patch(result)
+    ctx.reporter.patch({**result, "stage": "done"})
     seconds = time.monotonic() - started
     write_termination_message(ctx.termination_log, "Completed", f"{kind} finished in {seconds:.0f}s", result)
     return contract.EXIT_OK

@@ -72,7 +72,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     store.check_writable(out)
 
     # 2. Data: every row-level check, before any model file moves.
-    ctx.reporter.patch({"message": f"loading dataset {spec.dataset.uri}"})
+    ctx.reporter.patch({"stage": f"loading dataset {spec.dataset.uri}"})
     splits = data.load_splits(spec.dataset, store, work, spec.training.seed)
 
     # 3. Tokenizer, then the token-level checks.
@@ -83,7 +83,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
                               assistant_only=assistant_only, chat_template=chat_template)
 
     # 4. Base model + LoRA.
-    ctx.reporter.patch({"message": f"loading model {spec.model.display()}"})
+    ctx.reporter.patch({"stage": f"loading model {spec.model.display()}"})
     model_path = modeling.resolve_model(spec.model, store, work)
     model = modeling.load_model(model_path, spec.model, spec.quantization, spec.training.gradient_checkpointing)
 
@@ -116,7 +116,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
         resume = checkpoints.download_latest(store, out, work)
         if preemption.requested:
             raise Preempted("SIGTERM before training started: nothing to save, a retry starts over")
-        ctx.reporter.patch({"message": f"training from step {resume[1] if resume else 0}"})
+        ctx.reporter.patch({"stage": f"training from step {resume[1] if resume else 0}"})
         outcome = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
         if preemption.requested:
             where = uploader.last["uri"] if uploader.last else "no checkpoint"
@@ -125,7 +125,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
         preemption.uninstall()
 
     # 7. Publish: files first, manifest last.
-    ctx.reporter.patch({"message": "uploading the adapter and report"})
+    ctx.reporter.patch({"stage": "uploading the adapter and report"})
     wandb_url = finish_wandb(store, work, out) if wandb_on else None
     result: dict[str, Any] = {
         "adapterUri": join(out, contract.ADAPTER_DIR),
