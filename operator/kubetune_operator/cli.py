@@ -53,8 +53,11 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, trainer_image: s
 
     kopf.configure(verbose=verbose, log_format={"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL,
                                                 "json": kopf.LogFormat.JSON}[log_format])
+    if not verbose:  # kopf logs every handled watch event at INFO ("Handler ... succeeded"): noise at scale
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kube = Kube.from_environment()
-    handlers.configure(Controller(kube, builders.Settings(trainer_image=trainer_image)))
+    handlers.configure(Controller(kube, builders.Settings(trainer_image=trainer_image)),
+                       None if all_namespaces else list(namespaces))
     if metrics_port:
         metrics.serve(metrics_port)
 

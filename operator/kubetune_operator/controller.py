@@ -1,34 +1,41 @@
 """The reconcile loop for FineTuneJob and MergeJob: observe -> act -> write status.
 
-One entry point, :meth:`Controller.reconcile`, called by every kopf handler (create, resume,
-update, the resync timer, and the watches on the child Jobs and pods). It is level-based and
-idempotent: it reads the resource, the Job and its pods, creates what is missing (HTTP 409 means
+kopf's watch handlers (handlers.py) only feed the :class:`~kubetune_operator.cache.Cache` and mark
+the owning resource's key dirty in a :class:`~kubetune_operator.workqueue.WorkQueue`; ``workers``
+threads take keys and call :meth:`Controller.reconcile`. That is level-based and idempotent: it
+reads the resource, its Job and its pods from the cache, creates what is missing (HTTP 409 means
 it exists: adopt it), aligns ``suspend``, and writes the status derived by
-:func:`kubetune_operator.status.derive` when it differs from what is stored.
+:func:`kubetune_operator.status.derive` when it differs from what is stored. A reconcile that
+changes nothing makes no API call, so watch events (including the echo of our own writes) are cheap.
 
-Errors it raises: :class:`kubetune_operator.kube.ApiError` for unexpected API answers (kopf
-retries the handler with backoff). Invalid specs, missing Secrets and missing FineTuneJobs are not
-errors: they become a Failed/Stalled (or Pending) status and are re-checked with backoff.
+Re-checks: a blocked resource (invalid spec, missing Secret, MergeJob waiting for its FineTuneJob)
+is retried with backoff (5 s .. 5 min); an API error likewise; an unfinished resource is
+reconciled again every ``RESYNC_SECONDS`` as a safety net. Invalid specs, missing Secrets and
+missing FineTuneJobs are not errors: they become a Failed/Stalled (or Pending) status.
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import logging
 import threading
-import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune import api
+from kubetune import api, contract
 from kubetune_operator import builders, metrics, status, validation
-from kubetune_operator.kube import Kube
+from kubetune_operator.cache import Cache, Key
+from kubetune_operator.kube import ApiError, Kube
+from kubetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger("kubetune.operator")
 
-RESYNC_SECONDS = 60.0  # safety net for missed watch events on active jobs
-BACKOFF_FIRST, BACKOFF_MAX = 5.0, 300.0  # re-check of blocked jobs (missing Secret, FineTuneJob)
+RESYNC_SECONDS = 600.0  # safety net for missed watch events on unfinished resources (kopf re-lists on reconnects)
+BACKOFF_FIRST, BACKOFF_MAX = 5.0, 300.0  # re-check of blocked resources and of failed reconciles
+WORKERS = 8
 
 Emit = Callable[[dict[str, Any], str, str, str], None]  # (body, "Normal"|"Warning", reason, message)
 
@@ -38,16 +45,18 @@ def utcnow() -> str:
 
 
 def kopf_emit(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    """Post a Kubernetes Event on the resource through kopf (thread-safe from sync handlers)."""
+    """Post a Kubernetes Event on the resource through kopf's queue (thread-safe; needs kopf's
+    context variables). An Event that cannot be queued is logged, never fails a reconcile."""
     import kopf
 
-    kopf.event(body, type=type_, reason=reason, message=message[:1024])  # type: ignore[arg-type]
+    try:
+        kopf.event(body, type=type_, reason=reason, message=message[:1024])  # type: ignore[arg-type]
+    except Exception as err:  # noqa: BLE001 - Events are best effort
+        log.warning("cannot post the Event %s on %s: %r", reason, body["metadata"].get("name"), err)
 
 
-@dataclass
-class _Schedule:
-    due: float = 0.0
-    failures: int = 0
+def _name(key: Key) -> str:
+    return "/".join(key)
 
 
 @dataclass
@@ -56,52 +65,100 @@ class Controller:
     settings: builders.Settings = field(default_factory=builders.Settings)
     emit: Emit = kopf_emit
     clock: Callable[[], str] = utcnow
-    _locks: dict[str, threading.Lock] = field(default_factory=dict)
-    _guard: threading.Lock = field(default_factory=threading.Lock)
-    _schedule: dict[str, _Schedule] = field(default_factory=dict)
+    cache: Cache = field(default_factory=Cache)
+    queue: WorkQueue = field(default_factory=lambda: WorkQueue(BACKOFF_FIRST, BACKOFF_MAX))
+    workers: int = WORKERS
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _children_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="children"))
 
-    # -- entry points
+    # -- lifecycle
 
-    def reconcile(self, kind: str, namespace: str, name: str, timer: bool = False) -> None:
-        """Bring one resource's children and status in line with its spec. ``timer``: a periodic
-        resync, skipped until the resource is due (backoff for blocked ones)."""
-        key = f"{kind}/{namespace}/{name}"
-        if timer and time.monotonic() < self._schedule.get(key, _Schedule()).due:
+    def prefill(self, namespaces: list[str] | None) -> None:
+        """List the Jobs and pods the operator made (``None``: all namespaces) before the watches start,
+        so the first reconciles see existing children instead of re-creating them (a cache sync)."""
+        selector = contract.LABEL_KIND
+        for ns in namespaces or [""]:
+            for kind in ("Job", "Pod"):
+                for item in self.kube.list(kind, ns, selector):
+                    self.cache.put_child({**item, "kind": kind})
+        log.info("cache filled: %s", self.cache.sizes())
+
+    def start(self) -> None:
+        """Start the workers (once). Called from kopf's event handlers: each worker runs in a copy of
+        the caller's context variables, where kopf keeps what ``kopf.event`` needs (its Event queue
+        exists only once the watches run, not yet in startup handlers)."""
+        if self._threads:
             return
-        with self._lock(key), metrics.RECONCILE_SECONDS.labels(kind).time():
+        for i in range(self.workers):
+            thread = threading.Thread(target=contextvars.copy_context().run, args=(self._work,),
+                                      name=f"reconcile-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.queue.shutdown()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._children_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _work(self) -> None:
+        while (key := self.queue.get()) is not None:
             try:
-                body = self.kube.get(kind, namespace, name)
-                if body is None:  # deleted: the garbage collector removes the children
-                    self.forget(kind, namespace, name)
-                    return
-                blocked = self._reconcile(body)
-            except Exception:
+                self.reconcile(key)  # type: ignore[arg-type]
+            finally:
+                self.queue.done(key)
+
+    # -- what the watches report (called from kopf's event loop: no API calls here)
+
+    def observed(self, body: dict[str, Any], deleted: bool = False) -> None:
+        """A FineTuneJob or MergeJob changed (or was listed, or deleted)."""
+        key = (body["kind"], body["metadata"].get("namespace") or "", body["metadata"]["name"])
+        if deleted:
+            self.cache.drop(key)
+            self.cache.forget_children(key)
+            self.queue.discard(key)
+            metrics.forget(_name(key))
+            return
+        self.cache.put(body)
+        self.queue.add(key)
+        if key[0] == "FineTuneJob":  # MergeJobs waiting for it
+            for merge_key in self.cache.merge_jobs_referencing(key[1], key[2]):
+                self.queue.add(merge_key)
+
+    def observed_child(self, child: dict[str, Any], deleted: bool = False) -> None:
+        """A Job or pod with the kubetune kind label changed: file it, reconcile its owner."""
+        owner = self.cache.drop_child(child) if deleted else self.cache.put_child(child)
+        if owner is not None:
+            self.queue.add(owner)
+
+    # -- one reconcile
+
+    def reconcile(self, key: Key) -> None:
+        """Bring one resource's children and status in line with its spec; schedule its re-check."""
+        kind = key[0]
+        body = self.cache.get(key)
+        if body is None:  # deleted: the garbage collector removes the children
+            return
+        with metrics.RECONCILE_SECONDS.labels(kind).time():
+            try:
+                blocked = self._reconcile(key, body)
+            except Exception as err:  # noqa: BLE001 - any failure: log, count, retry with backoff
                 metrics.RECONCILE_ERRORS.labels(kind).inc()
-                raise
-        sched = self._schedule.setdefault(key, _Schedule())
-        sched.failures = sched.failures + 1 if blocked else 0
-        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (sched.failures - 1)) if blocked else RESYNC_SECONDS
-        sched.due = time.monotonic() + delay
-
-    def reconcile_owner_of(self, child: dict[str, Any]) -> None:
-        """A child Job or pod changed: reconcile the resource it belongs to."""
-        owner = ((child.get("metadata") or {}).get("annotations") or {}).get(builders.LABEL_OWNER, "")
-        kind, _, name = owner.partition("/")
-        if kind in builders.PLURAL and name:
-            self.reconcile(kind, child["metadata"]["namespace"], name)
-
-    def forget(self, kind: str, namespace: str, name: str) -> None:
-        key = f"{kind}/{namespace}/{name}"
-        self._schedule.pop(key, None)
-        metrics.forget(key)
-
-    def _lock(self, key: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(key, threading.Lock())
+                delay = self.queue.retry(key)
+                log.warning("reconcile %s failed (retry in %.0fs): %s", _name(key), delay, err,
+                            exc_info=not isinstance(err, ApiError))
+                return
+        if blocked:
+            self.queue.retry(key)
+            return
+        self.queue.forget(key)
+        if not status.is_finished((self.cache.get(key) or {}).get("status")):
+            self.queue.add_after(key, RESYNC_SECONDS)
 
     # -- the work
 
-    def _reconcile(self, body: dict[str, Any]) -> bool:
+    def _reconcile(self, key: Key, body: dict[str, Any]) -> bool:
         """Returns True when the resource is blocked (validation, waiting) and should be re-checked."""
         kind, meta = body["kind"], body["metadata"]
         old = body.get("status") or {}
@@ -115,7 +172,7 @@ class Controller:
         if spec is None:
             self._write(body, status.derive(kind, body, None, [], self.clock(), blocked=blocked))
             return True
-        job = self.kube.get("Job", meta["namespace"], builders.job_name(kind, meta["name"]))
+        job = self.cache.job(key)
         if job is None:  # validate (and resolve) only before creating: the spec is immutable after that
             blocked, run_spec = self._check(body, spec)
             if blocked is not None:
@@ -130,8 +187,7 @@ class Controller:
             return True
         spec_suspend = bool(getattr(spec, "suspend", False))
         job = self._align_suspend(job, spec_suspend, bool(getattr(spec, "queue_name", None)))
-        pods = self.kube.list("Pod", meta["namespace"],
-                              f"batch.kubernetes.io/controller-uid={job['metadata']['uid']}")
+        pods = self.cache.pods(key, job["metadata"]["uid"])
         new = status.derive(kind, body, job, pods, self.clock(), spec_suspend=spec_suspend)
         self._write(body, new)
         if kind == "FineTuneJob" and new["phase"] == "Succeeded":
@@ -147,7 +203,7 @@ class Controller:
         run_spec = spec
         if isinstance(spec, api.MergeJobSpec) and spec.source.fine_tune_job_ref is not None:
             ref = spec.source.fine_tune_job_ref.name
-            ftj = self.kube.get("FineTuneJob", ns, ref)
+            ftj = self.cache.get(("FineTuneJob", ns, ref)) or self.kube.get("FineTuneJob", ns, ref)
             blocked = validation.check_fine_tune_job(ref, ftj)
             if blocked:
                 return blocked, None
@@ -162,10 +218,15 @@ class Controller:
         return (blocked, None) if blocked else (None, run_spec)
 
     def _create_children(self, body: dict[str, Any], spec: Any) -> dict[str, Any]:
-        for child in (builders.config_map(body, spec), builders.service_account(body), builders.role(body),
-                      builders.role_binding(body)):
-            self.kube.create(child, read_existing=False)  # 409: made by an earlier reconcile
+        """The ConfigMap, ServiceAccount, Role and RoleBinding (at once: they are independent), then
+        the Job (its pod needs the ServiceAccount to exist)."""
+        children = (builders.config_map(body, spec), builders.service_account(body), builders.role(body),
+                    builders.role_binding(body))
+        for future in [self._children_pool.submit(self.kube.create, child, read_existing=False)
+                       for child in children]:
+            future.result()  # 409 (made by an earlier reconcile) is not an error; others raise here
         job, created = self.kube.create(builders.job(body, spec, self.settings, builders.initial_suspend(spec)))
+        self.cache.put_child({**job, "kind": "Job"})
         if created:
             self.emit(body, "Normal", "JobCreated", f"created Job {job['metadata']['name']}")
         return job
@@ -183,7 +244,9 @@ class Controller:
         if want == current or (not want and queued):
             return job
         meta = job["metadata"]
-        return self.kube.patch("Job", meta["namespace"], meta["name"], {"spec": {"suspend": want}})
+        patched = self.kube.patch("Job", meta["namespace"], meta["name"], {"spec": {"suspend": want}})
+        self.cache.put_child({**patched, "kind": "Job"})
+        return patched
 
     def _write(self, body: dict[str, Any], new: dict[str, Any]) -> None:
         kind, meta = body["kind"], body["metadata"]
@@ -192,7 +255,8 @@ class Controller:
         patch = status.changed(old, new)
         if not patch:
             return
-        self.kube.patch(kind, meta["namespace"], meta["name"], {"status": patch}, subresource="status")
+        written = self.kube.patch(kind, meta["namespace"], meta["name"], {"status": patch}, subresource="status")
+        self.cache.put({**written, "kind": kind})
         body["status"] = {**old, **patch}
         if (old.get("phase"), _ready_reason(old)) != (new["phase"], _ready_reason(new)):
             failing = new["phase"] == "Failed" or any(c["type"] == "Stalled" for c in new["conditions"])
@@ -209,10 +273,10 @@ class Controller:
         mj, created = self.kube.create(builders.merge_job(body, spec))
         if created:
             self.emit(body, "Normal", "MergeJobCreated", f"created MergeJob {mj['metadata']['name']}")
-        self.kube.patch("FineTuneJob", meta["namespace"], meta["name"],
-                        {"status": {"mergeJobName": mj["metadata"]["name"]}}, subresource="status")
+        written = self.kube.patch("FineTuneJob", meta["namespace"], meta["name"],
+                                  {"status": {"mergeJobName": mj["metadata"]["name"]}}, subresource="status")
+        self.cache.put({**written, "kind": "FineTuneJob"})
 
 
 def _ready_reason(st: dict[str, Any]) -> str:
     return next((c.get("reason", "") for c in st.get("conditions") or [] if c.get("type") == "Ready"), "")
-

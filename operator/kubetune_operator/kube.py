@@ -50,7 +50,7 @@ class Kube:
     def __init__(self, configuration: Any) -> None:
         self._cfg = configuration
         self._lock = threading.Lock()
-        kwargs: dict[str, Any] = {"maxsize": 8, "timeout": urllib3.Timeout(connect=10, read=60),
+        kwargs: dict[str, Any] = {"maxsize": 32, "timeout": urllib3.Timeout(connect=10, read=60),
                                   "retries": urllib3.Retry(total=3, connect=3, read=0, status=0, backoff_factor=0.5)}
         if configuration.host.startswith("https"):
             kwargs["cert_reqs"] = "CERT_REQUIRED" if configuration.verify_ssl else "CERT_NONE"

@@ -1,0 +1,167 @@
+"""What the watches have shown: the resources, their Jobs and their pods (an informer cache).
+
+Reconciles read from here instead of GETting the resource, its Job and its pods on every event,
+so a reconcile that changes nothing makes no API call. The watches feed it (kopf event handlers)
+and so do the operator's own writes (the API server's answer), so a reconcile right after a
+create or a status patch sees it even before the watch event arrives.
+
+Only the fields the operator reads are kept (:func:`slim`): bodies lose ``managedFields`` and the
+``last-applied-configuration`` annotation, pods keep their status, not their spec. Keys are
+``(kind, namespace, name)`` of the FineTuneJob/MergeJob; Jobs and pods are filed under their
+owner (the ``kubetune.dev/owner`` annotation the operator puts on both).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from kubetune_operator.builders import LABEL_OWNER, PLURAL
+
+Key = tuple[str, str, str]
+CONTROLLER_UID = "batch.kubernetes.io/controller-uid"
+_DROP_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+
+
+def key_of(body: dict[str, Any]) -> Key:
+    meta = body["metadata"]
+    return body["kind"], meta.get("namespace") or "", meta["name"]
+
+
+def owner_of(child: dict[str, Any]) -> Key | None:
+    """The FineTuneJob/MergeJob a Job or pod belongs to, from its owner annotation."""
+    meta = child.get("metadata") or {}
+    kind, _, name = ((meta.get("annotations") or {}).get(LABEL_OWNER) or "").partition("/")
+    return (kind, meta.get("namespace") or "", name) if kind in PLURAL and name else None
+
+
+def _slim_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in meta.items() if k != "managedFields"}
+    annotations = meta.get("annotations")
+    if annotations and any(a in annotations for a in _DROP_ANNOTATIONS):
+        out["annotations"] = {k: v for k, v in annotations.items() if k not in _DROP_ANNOTATIONS}
+    return out
+
+
+def slim(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object without what the operator never reads (pods: no spec; Jobs: three spec fields).
+    ``kind`` must be set (LIST answers leave it out of their items)."""
+    out = {k: v for k, v in obj.items() if k != "metadata"}
+    out["metadata"] = _slim_meta(obj.get("metadata") or {})
+    if obj.get("kind") == "Pod":
+        out.pop("spec", None)
+    elif obj.get("kind") == "Job":
+        spec = obj.get("spec") or {}
+        out["spec"] = {k: spec[k] for k in ("suspend", "activeDeadlineSeconds", "backoffLimit") if k in spec}
+    return out
+
+
+def _older(new: dict[str, Any], cached: dict[str, Any] | None) -> bool:
+    """True when ``new`` is an older version of the same object than ``cached``. resourceVersions
+    are opaque strings to clients; the API server (etcd) makes them increasing integers, and a
+    version that does not parse as one is taken as newer."""
+    if cached is None or new["metadata"].get("uid") != cached["metadata"].get("uid"):
+        return False
+    try:
+        return int(new["metadata"].get("resourceVersion")) < int(cached["metadata"].get("resourceVersion"))
+    except (TypeError, ValueError):
+        return False
+
+
+class Cache:
+    """Thread-safe: kopf's event loop writes, the worker threads read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._resources: dict[Key, dict[str, Any]] = {}
+        self._jobs: dict[Key, dict[str, Any]] = {}
+        self._pods: dict[Key, dict[str, dict[str, Any]]] = {}
+
+    # -- resources
+
+    def put(self, body: dict[str, Any]) -> Key:
+        """Store the resource unless the cache already holds a newer version of it (a watch event
+        that was in flight while the operator's own write came back)."""
+        key = key_of(body)
+        slimmed = slim(body)
+        with self._lock:
+            if not _older(slimmed, self._resources.get(key)):
+                self._resources[key] = slimmed
+        return key
+
+    def get(self, key: Key) -> dict[str, Any] | None:
+        """A shallow copy (the caller may replace top-level fields such as ``status``)."""
+        with self._lock:
+            body = self._resources.get(key)
+        return dict(body) if body is not None else None
+
+    def drop(self, key: Key) -> None:
+        with self._lock:
+            self._resources.pop(key, None)
+
+    def keys(self, kind: str | None = None) -> list[Key]:
+        with self._lock:
+            return [k for k in self._resources if kind is None or k[0] == kind]
+
+    def merge_jobs_referencing(self, namespace: str, fine_tune_job: str) -> list[Key]:
+        """MergeJobs whose ``spec.source.fineTuneJobRef`` names this FineTuneJob."""
+        with self._lock:
+            return [k for k, body in self._resources.items()
+                    if k[0] == "MergeJob" and k[1] == namespace
+                    and (((body.get("spec") or {}).get("source") or {}).get("fineTuneJobRef") or {}).get("name")
+                    == fine_tune_job]
+
+    # -- children
+
+    def put_child(self, child: dict[str, Any]) -> Key | None:
+        """File a Job or pod under its owner; returns the owner's key (None: not ours)."""
+        owner = owner_of(child)
+        if owner is None:
+            return None
+        slimmed = slim(child)
+        with self._lock:
+            if child.get("kind") == "Job":
+                if not _older(slimmed, self._jobs.get(owner)):
+                    self._jobs[owner] = slimmed
+            else:
+                pods = self._pods.setdefault(owner, {})
+                if not _older(slimmed, pods.get(child["metadata"]["name"])):
+                    pods[child["metadata"]["name"]] = slimmed
+        return owner
+
+    def drop_child(self, child: dict[str, Any]) -> Key | None:
+        owner = owner_of(child)
+        if owner is None:
+            return None
+        meta = child["metadata"]
+        with self._lock:
+            if child.get("kind") == "Job":
+                if (self._jobs.get(owner) or {}).get("metadata", {}).get("uid") == meta.get("uid"):
+                    del self._jobs[owner]
+            else:
+                pods = self._pods.get(owner) or {}
+                if (pods.get(meta["name"]) or {}).get("metadata", {}).get("uid") == meta.get("uid"):
+                    del pods[meta["name"]]
+                if not pods:
+                    self._pods.pop(owner, None)
+        return owner
+
+    def job(self, key: Key) -> dict[str, Any] | None:
+        with self._lock:
+            return self._jobs.get(key)
+
+    def pods(self, key: Key, job_uid: str) -> list[dict[str, Any]]:
+        """The pods of that Job (by its controller-uid label: an older Job's pods do not count)."""
+        with self._lock:
+            pods = list((self._pods.get(key) or {}).values())
+        return [p for p in pods if ((p["metadata"].get("labels") or {}).get(CONTROLLER_UID)) == job_uid]
+
+    def forget_children(self, key: Key) -> None:
+        with self._lock:
+            self._jobs.pop(key, None)
+            self._pods.pop(key, None)
+
+    def sizes(self) -> dict[str, int]:
+        with self._lock:
+            return {"resources": len(self._resources), "jobs": len(self._jobs),
+                    "pods": sum(len(p) for p in self._pods.values())}
