@@ -5,12 +5,15 @@
 
 For each N: a fresh namespace with the S3 credentials Secret, a fresh ``kubetune operator
 --namespace <ns>`` subprocess (admin kubeconfig, metrics server on a free port), then N
-FineTuneJobs created as fast as 8 client threads can POST them. Measured:
+FineTuneJobs created as fast as 8 client threads can POST them (a burst), or paced at ``--rate`` per
+second. Measured:
 
 * apply → Job created: from just before each FineTuneJob's POST to the moment its batch/v1 Job
   arrives on a watch stream of the namespace's Jobs (p50, p99, max);
 * time until every FineTuneJob has a ``status.phase`` (from the first POST);
-* the operator's peak RSS (sampled every 0.2 s) and CPU seconds (user + system) over the round;
+* Jobs/s: Jobs created per second from the first POST to the last Job (the system's throughput);
+* the operator's peak RSS (sampled every 0.2 s) and CPU seconds (user + system) over the round, and
+  the CPU seconds of each control-plane process (where the rest of the machine's time went);
 * API requests per job: the apiserver's ``apiserver_request_total`` before and after the round
   (settled for a few seconds), all clients together and split by verb/resource.
 
@@ -175,7 +178,22 @@ def wait_until(fn: Any, timeout: float, interval: float = 0.5) -> Any:
     return None
 
 
-def one_round(cluster: Any, n: int, logs: Path, timeout: float) -> dict[str, Any]:
+def component_cpu(cluster: Any) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each control-plane process."""
+    import psutil
+
+    out = {}
+    for name, proc in cluster.processes.items():
+        try:
+            times = psutil.Process(proc["pid"]).cpu_times()
+            out[name] = float(times.user + times.system)
+        except psutil.Error:
+            continue
+    return out
+
+
+def one_round(cluster: Any, n: int, logs: Path, timeout: float, rate: float = 0.0) -> dict[str, Any]:
+    """One round of N FineTuneJobs; ``rate``: creations per second (0: as fast as 8 threads can POST)."""
     from kubetune_operator import builders
 
     ns = f"bench-{n}-{uuid.uuid4().hex[:6]}"
@@ -193,12 +211,15 @@ def one_round(cluster: Any, n: int, logs: Path, timeout: float) -> dict[str, Any
         time.sleep(2)  # the operator's initial list/watch settles
         before = request_counts(cluster)
         cpu_before = operator.cpu_seconds()
+        components_before = component_cpu(cluster)
         operator.peak_rss = 0
         spec = ftj_spec()
         created: dict[str, float] = {}
 
         def create(i: int) -> None:
             name = f"ftj-{i:05d}"
+            if rate:  # paced: the i-th creation is due i/rate seconds after the start
+                time.sleep(max(0.0, started + i / rate - time.monotonic()))
             created[name] = time.monotonic()
             status, body = call(cluster, "POST", f"{GROUP}/namespaces/{ns}/finetunejobs", {
                 "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
@@ -224,19 +245,23 @@ def one_round(cluster: Any, n: int, logs: Path, timeout: float) -> dict[str, Any
         status_at = wait_until(all_have_status, timeout, interval=1.0)
         time.sleep(5)  # let follow-up reconciles land before counting requests
         after = request_counts(cluster)
+        components = {k: v - components_before.get(k, 0.0) for k, v in component_cpu(cluster).items()}
         latencies = [watch.seen[job] - created[name] for name, job in job_names.items() if job in watch.seen]
+        last_job = max((watch.seen[job] for job in job_names.values() if job in watch.seen), default=None)
         delta = after - before
         own = {key: value for key, value in delta.items()
                if key[1].startswith(("finetunejobs", "mergejobs")) or key[1] in ("jobs", "configmaps", "secrets",
                                                                                  "serviceaccounts", "roles",
                                                                                  "rolebindings", "events")}
         return {
-            "n": n, "create_s": create_s, "jobs_seen": len(latencies),
+            "n": n, "rate": rate or None, "create_s": create_s, "jobs_seen": len(latencies),
+            "jobs_per_s": len(latencies) / (last_job - started) if last_job else None,
             "latency_p50_s": common.percentile(latencies, 50), "latency_p99_s": common.percentile(latencies, 99),
             "latency_max_s": max(latencies) if latencies else None,
             "all_status_s": status_at - started if status_at else None,
             "operator_peak_rss_mib": operator.peak_rss / 2**20,
             "operator_cpu_s": operator.cpu_seconds() - cpu_before,
+            "control_plane_cpu_s": {k: round(v, 2) for k, v in sorted(components.items(), key=lambda kv: -kv[1])},
             "requests_total": sum(delta.values()), "requests_per_job": sum(delta.values()) / n,
             "requests_by_verb_resource": {f"{verb} {res}": count for (verb, res), count in
                                           sorted(own.items(), key=lambda kv: -kv[1])},
@@ -247,18 +272,29 @@ def one_round(cluster: Any, n: int, logs: Path, timeout: float) -> dict[str, Any
         cluster.request("DELETE", f"/api/v1/namespaces/{ns}", ok404=True)
 
 
+def _creation(result: dict[str, Any]) -> str:
+    return f"{result['rate']:g}/s" if result.get("rate") else "burst"
+
+
 def render(doc: dict[str, Any]) -> str:
-    rows = [[r["n"], r.get("jobs_seen"), r.get("create_s"), r.get("latency_p50_s"), r.get("latency_p99_s"),
-             r.get("latency_max_s"), r.get("all_status_s"), r.get("operator_peak_rss_mib"), r.get("operator_cpu_s"),
-             r.get("requests_per_job")] if not r.get("error") else [r["n"], f"error: {r['error'][:150]}"] + [None] * 8
+    rows = [[r["n"], _creation(r), r.get("jobs_seen"), r.get("create_s"),
+             r.get("jobs_per_s"), r.get("latency_p50_s"), r.get("latency_p99_s"), r.get("latency_max_s"),
+             r.get("all_status_s"), r.get("operator_peak_rss_mib"),
+             r["operator_cpu_s"] * 1000 / r["n"] if r.get("operator_cpu_s") is not None else None,
+             r.get("requests_per_job")] if not r.get("error") else [r["n"], f"error: {r['error'][:150]}"] + [None] * 10
             for r in doc["results"]]
-    headers = ["N", "Jobs created", "POSTs took (s)", "apply→Job p50 (s)", "p99 (s)", "max (s)",
-               "all have status (s)", "operator peak RSS (MiB)", "operator CPU (s)", "API requests per job"]
+    headers = ["N", "creation", "Jobs created", "POSTs took (s)", "Jobs/s", "apply→Job p50 (s)", "p99 (s)",
+               "max (s)", "all have status (s)", "operator peak RSS (MiB)", "operator CPU per job (ms)",
+               "API requests per job"]
     detail = []
     for r in doc["results"]:
+        label = f"N={r['n']} ({_creation(r)})"
         if r.get("requests_by_verb_resource"):
             top = ", ".join(f"{k}: {v / r['n']:.2f}" for k, v in list(r["requests_by_verb_resource"].items())[:12])
-            detail.append(f"- N={r['n']}, per job, kubetune-related resources (all clients): {top}")
+            detail.append(f"- {label}, per job, kubetune-related resources (all clients): {top}")
+        if r.get("control_plane_cpu_s"):
+            cpu = ", ".join(f"{k} {v * 1000 / r['n']:.0f}" for k, v in r["control_plane_cpu_s"].items())
+            detail.append(f"- {label}, control-plane CPU per job (ms): {cpu}")
     m = doc["machine"]
     return "\n".join([
         "## Operator at scale", "",
@@ -275,6 +311,8 @@ def render(doc: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--counts", default="100,500,1000")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="FineTuneJobs created per second (0: a burst, as fast as 8 threads can POST)")
     parser.add_argument("--timeout", type=float, default=600, help="per round, for Jobs and statuses to appear")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--from-json", type=Path, action="append", default=[],
@@ -302,7 +340,7 @@ def main() -> None:
                 c.kubectl("wait", "--for=condition=Established", f"crd/{crd}.kubetune.dev", "--timeout=60s")
             for n in (int(x) for x in args.counts.split(",")):
                 try:
-                    result = one_round(c, n, logs, args.timeout)
+                    result = one_round(c, n, logs, args.timeout, args.rate)
                 except Exception as err:  # noqa: BLE001 - one failed round must not lose the others
                     result = {"n": n, "error": f"{type(err).__name__}: {err}"}
                 print(json.dumps(result), flush=True)

@@ -36,6 +36,9 @@ log = logging.getLogger("kubetune.operator")
 RESYNC_SECONDS = 600.0  # safety net for missed watch events on unfinished resources (kopf re-lists on reconnects)
 BACKOFF_FIRST, BACKOFF_MAX = 5.0, 300.0  # re-check of blocked resources and of failed reconciles
 WORKERS = 8
+# Events: one per phase change (not into Pending: JobCreated says it), one per failure/stall, and
+# these Pending/Running reasons a user must see in `kubectl describe`. Not every Pending sub-step.
+NOTABLE_REASONS = {"Unschedulable", "Retrying", "WaitingForCleanup"}
 
 Emit = Callable[[dict[str, Any], str, str, str], None]  # (body, "Normal"|"Warning", reason, message)
 
@@ -258,10 +261,9 @@ class Controller:
         written = self.kube.patch(kind, meta["namespace"], meta["name"], {"status": patch}, subresource="status")
         self.cache.put({**written, "kind": kind})
         body["status"] = {**old, **patch}
-        if (old.get("phase"), _ready_reason(old)) != (new["phase"], _ready_reason(new)):
-            failing = new["phase"] == "Failed" or any(c["type"] == "Stalled" for c in new["conditions"])
-            self.emit(body, "Warning" if failing else "Normal", _ready_reason(new),
-                      f"{new['phase']}: {new['message']}")
+        event = transition_event(old, new)
+        if event:
+            self.emit(body, *event)
 
     def _ensure_merge_job(self, body: dict[str, Any]) -> None:
         spec = api.FineTuneJobSpec.model_validate(body["spec"])
@@ -276,6 +278,19 @@ class Controller:
         written = self.kube.patch("FineTuneJob", meta["namespace"], meta["name"],
                                   {"status": {"mergeJobName": mj["metadata"]["name"]}}, subresource="status")
         self.cache.put({**written, "kind": "FineTuneJob"})
+
+
+def transition_event(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, str, str] | None:
+    """The Event (type, reason, message) a status change is worth, or None: a phase change (not into
+    Pending), a failure or stall, or a reason in NOTABLE_REASONS."""
+    reason = _ready_reason(new)
+    if (old.get("phase"), _ready_reason(old)) == (new["phase"], reason):
+        return None
+    failing = new["phase"] == "Failed" or any(c["type"] == "Stalled" for c in new.get("conditions") or [])
+    if not (failing or reason in NOTABLE_REASONS or old.get("phase") != new["phase"] != "Pending"):
+        return None
+    type_ = "Warning" if failing or reason in NOTABLE_REASONS else "Normal"
+    return type_, reason, f"{new['phase']}: {new['message']}"
 
 
 def _ready_reason(st: dict[str, Any]) -> str:

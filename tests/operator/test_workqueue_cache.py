@@ -126,3 +126,26 @@ def test_resources_and_merge_jobs_referencing_a_finetunejob():
     assert cache.merge_jobs_referencing("ns", "base") == [("MergeJob", "ns", "m1")]
     cache.drop(("MergeJob", "ns", "m1"))
     assert cache.merge_jobs_referencing("ns", "base") == []
+
+
+def _st(phase: str, reason: str, stalled: bool = False) -> dict:
+    conds = [{"type": "Ready", "status": "False", "reason": reason}]
+    if stalled:
+        conds.append({"type": "Stalled", "status": "True", "reason": reason})
+    return {"phase": phase, "message": f"{reason} happened", "conditions": conds}
+
+
+def test_events_mark_transitions_that_matter_not_every_pending_step():
+    from kubetune_operator.controller import transition_event
+
+    assert transition_event({}, _st("Pending", "Starting")) is None  # JobCreated already says it
+    assert transition_event(_st("Pending", "Starting"), _st("Pending", "PodPending")) is None
+    assert transition_event(_st("Pending", "PodPending"), _st("Pending", "Unschedulable")) == (
+        "Warning", "Unschedulable", "Pending: Unschedulable happened")
+    assert transition_event(_st("Pending", "PodPending"), _st("Running", "Running"))[:2] == ("Normal", "Running")
+    assert transition_event(_st("Running", "Running"), _st("Running", "Running")) is None
+    assert transition_event(_st("Running", "Running"), _st("Running", "Retrying"))[:2] == ("Warning", "Retrying")
+    assert transition_event({}, _st("Failed", "SecretNotFound", stalled=True))[:2] == ("Warning", "SecretNotFound")
+    assert transition_event(_st("Pending", "PodPending"), _st("Pending", "ImagePullBackOff", stalled=True))[0] == \
+        "Warning"
+    assert transition_event(_st("Running", "Running"), _st("Succeeded", "Succeeded"))[:2] == ("Normal", "Succeeded")
