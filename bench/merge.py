@@ -8,12 +8,14 @@ the base model (SmolLM2-135M-Instruct, from the wheel's GGUF) uploaded to it, an
 with peft directly (all-linear LoRA r 16, random non-zero ``lora_B``) published with the
 ``manifest.json`` the trainer writes (``kind: adapter``, ``spec``, ``baseModel``).
 
-Measured, each in its own Python process (imports included in neither number), ``--repeats`` times,
-the fastest kept:
+Measured, each in its own Python process, ``--repeats`` times, the fastest kept. Both workers import
+torch and transformers before their clock starts (what either imports lazily later, e.g. a model
+class, is in its number):
 
 * ``merge`` — :func:`kubetune_trainer.merge.merge` on a MergeJobSpec with default settings
   (``dtype`` bfloat16 unless ``--dtype``; no verify prompts): download, load, probe logits, merge,
-  verify, save, reload + verify, upload. Its own per-phase timings come from the result manifest.
+  save, reload + verify, upload. Its own per-phase timings and merge method (``direct`` or
+  ``peft``) come from the result manifest.
 * ``io`` — the same bytes without the merge: download the base, ``from_pretrained`` in the same
   dtype, ``save_pretrained`` with the same shard size, upload. The floor any merge must pay.
 
@@ -94,8 +96,10 @@ def publish(base_dir: Path, adapter_dir: Path) -> tuple[str, str]:
 
 
 def run_merge(cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch  # noqa: F401  (imported before the clock starts, as in run_io)
     from kubetune_trainer import merge
     from kubetune_trainer.runtime import PodContext, StatusReporter
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (as in run_io)
 
     from kubetune import api
 
@@ -114,7 +118,7 @@ def run_merge(cfg: dict[str, Any]) -> dict[str, Any]:
     manifest = store_from_env().get_json(f"{spec.output.uri}/manifest.json") or {}
     shutil.rmtree(work, ignore_errors=True)
     return {"wall_s": wall, "timings": manifest.get("timings"), "verification": result.get("verification"),
-            "peak_rss_mib": common.peak_rss_mib()}
+            "method": manifest.get("mergeMethod"), "peak_rss_mib": common.peak_rss_mib()}
 
 
 def run_io(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -156,13 +160,13 @@ def render(doc: dict[str, Any]) -> str:
     for entry in doc["results"]:
         io, mg = entry.get("io") or {}, entry.get("merge") or {}
         phases = mg.get("timings") or {}
-        rows.append([entry["model"], entry["dtype"], io.get("wall_s"), mg.get("wall_s"),
+        rows.append([entry["model"], entry["dtype"], mg.get("method"), io.get("wall_s"), mg.get("wall_s"),
                      common.ratio(mg.get("wall_s"), io.get("wall_s")),
                      ", ".join(f"{k} {v:.1f}" for k, v in phases.items() if k != "total") or mg.get("error"),
                      ", ".join(f"{k} {v:.1f}" for k, v in (io.get("timings") or {}).items()) or io.get("error"),
                      io.get("peak_rss_mib"), mg.get("peak_rss_mib")])
-    headers = ["model", "dtype", "io bound (s)", "merge (s)", "merge ÷ io", "merge phases (s)", "io phases (s)",
-               "io peak RSS (MiB)", "merge peak RSS (MiB)"]
+    headers = ["model", "dtype", "merge method", "io bound (s)", "merge (s)", "merge ÷ io", "merge phases (s)",
+               "io phases (s)", "io peak RSS (MiB)", "merge peak RSS (MiB)"]
     m = doc["machine"]
     return "\n".join([
         "## Merge", "",

@@ -132,10 +132,28 @@ def test_broken_merge_is_caught_by_verification(
     local = build_adapter(tied_base_dir, tmp_path / "adapter", seed=3, target_modules=["embed_tokens", "q_proj"])
     uri = publish_adapter(s3, local, f"s3://{BUCKET}/runs/broken/adapter", {"uri": tied_base_uri})
     monkeypatch.setattr(merge_recipe, "untie_adapted_embeddings", lambda model: None)
-    with pytest.raises(VerificationFailed, match=r"the merged model \(in memory\) differs from base\+adapter by "
-                                                 r"[0-9.e+-]+ in the logits \(tolerance 0\.000[0-9]+\): nothing was "
-                                                 r"published"):
+    with pytest.raises(VerificationFailed, match=r"the saved merged model \(reloaded\) differs from base\+adapter "
+                                                 r"by [0-9.e+-]+ in the logits \(tolerance 0\.000[0-9]+\): nothing "
+                                                 r"was published"):
         merge_recipe.merge(merge_spec(uri, out_uri), pod)
+    assert store_for(s3).list(out_uri) == []
+
+
+def test_direct_merge_that_misses_a_layer_is_caught_by_verification(
+    s3: Any, s3_env: dict[str, str], tiny_adapter: Adapter, merge_spec: Any, pod: Any, out_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The check compares the published model with base+adapter computed unmerged (hooks), not with
+    the merge's own arithmetic: a merge that forgets one layer's update is refused."""
+    merge_into = merge_recipe.DirectLora.merge_into
+
+    def forget_one(self: merge_recipe.DirectLora, model: Any) -> Any:
+        self.factors.pop(next(iter(self.factors)))
+        return merge_into(self, model)
+
+    monkeypatch.setattr(merge_recipe.DirectLora, "merge_into", forget_one)
+    with pytest.raises(VerificationFailed, match=r"the saved merged model \(reloaded\) differs from base\+adapter"):
+        merge_recipe.merge(merge_spec(tiny_adapter.uri, out_uri), pod)
     assert store_for(s3).list(out_uri) == []
 
 

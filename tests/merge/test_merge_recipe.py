@@ -38,7 +38,7 @@ def test_merge_bfloat16_publishes_a_standalone_model_matching_base_plus_adapter(
 
     local = download(out_uri)
     manifest = assert_published(s3, out_uri, local, result)
-    assert manifest["dtype"] == "bfloat16"
+    assert manifest["dtype"] == "bfloat16" and manifest["mergeMethod"] == "direct"  # a plain LoRA: no PEFT
     assert manifest["adapterUri"] == tiny_adapter.uri and result["adapterUri"] == tiny_adapter.uri
     assert manifest["baseModel"]["uri"] == tiny_adapter.base_uri  # taken from the adapter's manifest
     assert [s["prompt"] for s in result["samples"]] == ["What is a Kubernetes Job?"]
@@ -59,7 +59,7 @@ def test_modules_to_save_lm_head_on_tied_embeddings(
     result = merge_recipe.merge(merge_spec(uri, out_uri), pod)
 
     local = download(out_uri)
-    assert_published(s3, out_uri, local, result)
+    assert assert_published(s3, out_uri, local, result)["mergeMethod"] == "peft"
     merged = fresh_logits(local, "float32")
     reference = reference_logits(tied_base_dir, local_adapter, "float32")
     assert max_diff(merged, reference) <= 1e-4 * max(float(t.abs().max()) for t in reference)
@@ -79,7 +79,7 @@ def test_lora_on_tied_embedding_unties_lm_head(
     result = merge_recipe.merge(merge_spec(uri, out_uri), pod)
 
     local = download(out_uri)
-    assert_published(s3, out_uri, local, result)
+    assert assert_published(s3, out_uri, local, result)["mergeMethod"] == "peft"
     merged = fresh_logits(local, "float32")
     reference = reference_logits(tied_base_dir, local_adapter, "float32")
     assert max_diff(merged, reference) <= 1e-4 * max(float(t.abs().max()) for t in reference)

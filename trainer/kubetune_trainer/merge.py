@@ -20,15 +20,20 @@ Steps, top-down in :func:`merge`:
    Return that result (a retried pod does no work).
 3. Download the adapter (checksums verified against its manifest) and the base (``s3://``
    folder, or a hub id / local path).
-4. Load the base in ``spec.dtype`` (low_cpu_mem_usage, on the GPU when there is one), then the
-   adapter with ``PeftModel.from_pretrained``. Adapters that resized the vocabulary, target a tied
-   embedding, or carry ``modules_to_save`` (e.g. ``lm_head``) are handled.
-5. Probe logits of base+adapter on a few fixed inputs, BEFORE merging in place (one copy only),
-   in float32 arithmetic over the dtype's weights, so bf16 noise cannot hide a broken merge.
-6. ``merge_and_unload(safe_merge=True)``; check the merged logits against the probe.
+4. Load the base in ``spec.dtype`` (low_cpu_mem_usage, on the GPU when there is one). A plain LoRA
+   on linear layers (the trainer's adapters) is read as its factors (:class:`DirectLora`: no PEFT
+   import, no wrapped layers); any other adapter goes through ``PeftModel.from_pretrained``, which
+   handles adapters that resized the vocabulary, target a tied embedding, or carry
+   ``modules_to_save`` (e.g. ``lm_head``).
+5. Probe logits of base+adapter, unmerged, on a few fixed inputs (one padded batch, one forward
+   pass), BEFORE merging in place (one copy only), in float32 arithmetic over the dtype's weights,
+   so bf16 noise cannot hide a broken merge.
+6. Merge in place: ``W += scale * B @ A`` (what ``merge_and_unload`` computes, bit for bit), or
+   PEFT's ``merge_and_unload(safe_merge=True)``.
 7. ``save_pretrained`` as sharded safetensors with the tokenizer and generation config; free the
-   model; reload the saved folder and check it again: what is published is what was verified.
-   ``spec.verify.prompts`` run through ``generate()`` (greedy, chat template) on that reload.
+   model; reload the saved folder and check its logits against the probe: what is published is
+   what was verified. ``spec.verify.prompts`` run through ``generate()`` (greedy, chat template)
+   on that reload.
 8. Upload (parallel, multipart, retried), then write ``manifest.json`` LAST (checksums, source,
    base, dtype, verification, samples, timings, peak RSS).
 
@@ -43,20 +48,24 @@ Raises (exit codes in :mod:`kubetune.contract`):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import gc
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import resource
 import shutil
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -75,12 +84,11 @@ MAX_SHARD_SIZE = "2GB"
 
 # Default tolerance = REL_TOLERANCE[dtype] x the logit scale (largest |logit| on the probes, >= 1).
 # Both sides are computed in float32 (see float32_compute) from the weights in the dtype, so what
-# differs is the merged weight W + s*B@A rounded to the dtype once (the reference keeps the LoRA in
+# differs is the merged weight W + s*B@A rounded to the dtype (the reference keeps the LoRA in
 # float32). Measured on SmolLM2-135M (30 layers, logit scale 44) with all-linear r=16 adapters that
 # move the logits by up to 3.0 and 0.53: max diff float32 1.2e-4 (2.8e-6 of the scale), float16
 # 0.047-0.057 (1.3e-3), bfloat16 0.26-0.41 (9.4e-3: bf16 keeps 8 significant bits). The defaults
-# leave a 2.5-35x margin over those and stay well below the 3.0 effect of a trained-size adapter;
-# the manifest records adapterMaxLogitEffect, so a reader sees how far apart the two are.
+# leave a 2.5-35x margin over those and stay well below the 3.0 effect of a trained-size adapter.
 REL_TOLERANCE = {"float32": 1e-4, "float16": 4e-3, "bfloat16": 2.5e-2}
 
 # Fixed probe inputs: prose, code, and (when given) the verify prompts in the chat template.
@@ -120,45 +128,37 @@ def merge(spec: api.MergeJobSpec, ctx: PodContext, max_shard_size: str | int = M
         return result_from_manifest(existing)
 
     # 3. Fetch adapter and base.
-    ctx.reporter.patch({"message": f"downloading adapter {adapter_uri} and base model {base.display()}"})
+    ctx.reporter.patch({"stage": f"downloading adapter {adapter_uri} and base model {base.display()}"})
     work = ctx.work_dir / "merge"
     with _timed(timings, "download"):
         adapter_dir = fetch_adapter(store, adapter_uri, adapter_manifest, work / "adapter")
         base_path = fetch_base(store, base, work / "base")
 
-    # 4. Load base (in dtype, never 4-bit) + adapter.
-    ctx.reporter.patch({"message": f"loading {base.display()} in {spec.dtype}"})
+    # 4. Load base (in dtype, never 4-bit) + adapter: a plain LoRA as its factors, anything else through PEFT.
+    ctx.reporter.patch({"stage": f"loading {base.display()} in {spec.dtype}"})
     with _timed(timings, "load"):
         tokenizer = load_tokenizer(adapter_dir, base_path, base)
         model = load_base(base_path, base, spec.dtype)
-        model = load_adapter(model, adapter_dir, base)
+        lora = DirectLora.read(adapter_dir, model)
+        if lora is None:
+            model = load_adapter(model, adapter_dir, base)
     probes = probe_inputs(tokenizer, spec.verify.prompts)
+    warn_if_untrained(adapter_dir)
 
-    # 5. Reference logits of base+adapter (and the base alone, to measure what the adapter changes).
-    with _timed(timings, "verify"):
+    # 5. Reference logits of base+adapter, unmerged.
+    unmerged = lora.applied(model) if lora else contextlib.nullcontext()
+    with _timed(timings, "verify"), unmerged:
         reference = logits(model, probes)
-        with model.disable_adapter():
-            adapter_effect = max_diff(reference, logits(model, probes))
-    scale = max(1.0, max(float(t.abs().max()) for t in reference))
+    scale = max(1.0, float(reference.abs().max()))
     tolerance = spec.verify.tolerance or REL_TOLERANCE[spec.dtype] * scale
-    if adapter_effect <= tolerance:
-        log.warning("the adapter changes the logits by at most %.3g (tolerance %.3g): the check cannot tell the "
-                    "merged model from the base (an untrained adapter?)", adapter_effect, tolerance)
 
     # 6. Merge in place.
-    ctx.reporter.patch({"message": "merging the adapter into the base"})
+    ctx.reporter.patch({"stage": "merging the adapter into the base"})
     with _timed(timings, "merge"):
-        untie_adapted_embeddings(model)
-        try:
-            model = model.merge_and_unload(safe_merge=True, progressbar=False)
-        except ValueError as err:  # safe_merge found NaNs
-            raise VerificationFailed(f"merging produced invalid weights: {err}") from err
-    with _timed(timings, "verify"):
-        in_memory_diff = max_diff(reference, logits(model, probes))
-    check(in_memory_diff, tolerance, "the merged model (in memory)")
+        model = lora.merge_into(model) if lora else merge_peft(model)
 
     # 7. Save, free, reload what was saved, check it again, and sample from it.
-    ctx.reporter.patch({"message": "saving and verifying the merged model"})
+    ctx.reporter.patch({"stage": "saving and verifying the merged model"})
     merged_dir = work / "merged"
     shutil.rmtree(merged_dir, ignore_errors=True)
     with _timed(timings, "save"):
@@ -176,7 +176,7 @@ def merge(spec: api.MergeJobSpec, ctx: PodContext, max_shard_size: str | int = M
     write_model_card(merged_dir, base, adapter_uri, spec.dtype, verification)
 
     # 8. Publish: files first, manifest last.
-    ctx.reporter.patch({"message": f"uploading the merged model to {output_uri}"})
+    ctx.reporter.patch({"stage": f"uploading the merged model to {output_uri}"})
     if existing is not None:  # a merge of another source lives there: unpublish it, then overwrite its files
         log.warning("%s holds a merge of another source (%s): replacing it", output_uri, existing.get("source"))
         store.delete(storage.join(output_uri, contract.MANIFEST))
@@ -192,8 +192,8 @@ def merge(spec: api.MergeJobSpec, ctx: PodContext, max_shard_size: str | int = M
         baseModel=base.to_wire(),
         dtype=spec.dtype,
         verification=verification,
-        verificationDetails={"inMemoryMaxLogitDiff": in_memory_diff, "adapterMaxLogitEffect": adapter_effect,
-                             "logitScale": scale, "probes": len(probes)},
+        verificationDetails={"logitScale": scale, "probes": len(probes.ids), "probeTokens": probes.tokens},
+        mergeMethod="direct" if lora else "peft",
         samples=samples,
         timings={k: round(v, 3) for k, v in timings.items()},
         peakRssMiB=peak_rss_mib(),
@@ -375,6 +375,139 @@ def load_base(path: str, base: api.ModelSource, dtype: str) -> Any:
         raise InvalidSpec(f"cannot load the base model {base.display()}: {err}") from err
 
 
+# adapter_config.json fields DirectLora handles: r, lora_alpha and use_rslora are applied; the others
+# cannot change the merge of a plain LoRA: they pick the modules (which the saved weights name
+# anyway), matter only while training, or are read only together with a feature that must be off
+# (megatron_config, use_qalora); fan_in_fan_out follows the layer type, as in PEFT. Every other field
+# must be off (null, false, empty, "none"), else PEFT merges the adapter.
+LORA_HANDLED_FIELDS = frozenset({
+    "r", "lora_alpha", "use_rslora", "init_lora_weights",
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_version", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "lora_dropout", "fan_in_fan_out", "megatron_core", "qalora_group_size",
+})
+LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
+
+
+class _NeedsPeft(Exception):
+    """The adapter is not a plain LoRA on the base's linear layers: PEFT loads and merges it."""
+
+
+@dataclass
+class DirectLora:
+    """A plain LoRA applied without PEFT: each targeted linear layer computes ``W x + s * B (A x)``
+    unmerged and is merged as ``W + s * B @ A``, with ``s = lora_alpha / r`` (``/ sqrt(r)`` with
+    use_rslora) and the factors in float32.
+
+    That is exactly what PEFT computes for such an adapter (the tests compare the two on real
+    adapters, bit for bit), without what PEFT costs here: importing it (and bitsandbytes) and
+    wrapping every targeted layer took longer than loading the model. The saved weights name the
+    modules, so ``target_modules`` and its kin need no interpretation. Anything else (DoRA,
+    ``modules_to_save``, embeddings, tied or offloaded weights, rank patterns, other PEFT types, a
+    ``.bin`` adapter) is left to PEFT: :meth:`read` returns None.
+    """
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A [r, in], B [out, r])
+    scale: float
+
+    @classmethod
+    def read(cls, adapter_dir: Path, model: Any) -> DirectLora | None:
+        """The adapter's factors when it is a plain LoRA on linear layers of ``model``, else None."""
+        try:
+            config = json.loads((adapter_dir / "adapter_config.json").read_text())
+            _check_plain_lora(config)
+            factors = _linear_factors(adapter_dir, model, config["r"])
+        except (_NeedsPeft, json.JSONDecodeError) as why:  # PEFT reports what it cannot load either
+            log.info("loading the adapter with PEFT: %s", why)
+            return None
+        r, alpha = config["r"], config["lora_alpha"]
+        return cls(factors, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+
+    @contextlib.contextmanager
+    def applied(self, model: Any) -> Iterator[None]:
+        """Forward passes of ``model`` compute base+adapter, unmerged, as PEFT's LoRA layers do: the
+        layer's output plus ``s * B (A x)`` with x in float32."""
+        import torch.nn.functional as F
+
+        def lora_hook(a: torch.Tensor, b: torch.Tensor) -> Any:
+            def add(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+                return output + (F.linear(F.linear(args[0].to(a.dtype), a), b) * self.scale).to(output.dtype)
+            return add
+
+        handles = []
+        try:
+            for name, (a, b) in self.factors.items():
+                module = model.get_submodule(name)
+                device = module.weight.device
+                handles.append(module.register_forward_hook(lora_hook(a.to(device), b.to(device))))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def merge_into(self, model: Any) -> Any:
+        """``W += s * B @ A`` in place, as PEFT merges (the update in float32, rounded to the weight's
+        dtype, then added); non-finite results are refused."""
+        import torch
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.no_grad():
+            for name, (a, b) in self.factors.items():
+                module = model.get_submodule(name)
+                weight = module.weight
+                delta = (b.to(weight.device) @ a.to(weight.device)) * self.scale
+                weight.add_((delta.T if isinstance(module, Conv1D) else delta).to(weight.dtype))
+                if not torch.isfinite(weight).all():
+                    raise VerificationFailed(f"merging produced invalid weights: non-finite values in {name}")
+        return model
+
+
+def _check_plain_lora(config: dict[str, Any]) -> None:
+    if config.get("peft_type") != "LORA":
+        raise _NeedsPeft(f"peft_type is {config.get('peft_type')}")
+    if not all(isinstance(config.get(k), int | float) and config[k] > 0 for k in ("r", "lora_alpha")):
+        raise _NeedsPeft("r or lora_alpha is not a positive number")
+    if config.get("init_lora_weights", True) not in (True, False):  # PiSSA, OLoRA, ... change the base
+        raise _NeedsPeft(f"init_lora_weights is {config['init_lora_weights']!r}")
+    on = sorted(k for k, v in config.items() if k not in LORA_HANDLED_FIELDS and v and v != "none")
+    if on:
+        raise _NeedsPeft(f"it sets {', '.join(on)}")
+
+
+def _linear_factors(adapter_dir: Path, model: Any, r: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) in float32 per module, checked against the base's linear layers."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers.pytorch_utils import Conv1D
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        raise _NeedsPeft("no adapter_model.safetensors")
+    weights = load_file(str(path))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        if not (match := LORA_KEY.fullmatch(key)):
+            raise _NeedsPeft(f"it saves {key}")
+        pairs.setdefault(match["module"], {})[match["factor"]] = tensor
+    modules = dict(model.named_modules())
+    uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    factors = {}
+    for name, pair in pairs.items():
+        module = modules.get(name)
+        if not isinstance(module, torch.nn.Linear | Conv1D):
+            raise _NeedsPeft(f"{name} is not a linear layer of the base")
+        out_features, in_features = module.weight.shape
+        if isinstance(module, Conv1D):  # its weight is [in, out]
+            in_features, out_features = out_features, in_features
+        a, b = pair.get("A"), pair.get("B")
+        if a is None or b is None or a.shape != (r, in_features) or b.shape != (out_features, r):
+            raise _NeedsPeft(f"the factors of {name} do not fit its shape")
+        if uses[id(module.weight)] > 1 or module.weight.device.type == "meta":
+            raise _NeedsPeft(f"the weight of {name} is tied to another module or offloaded")
+        factors[name] = (a.float(), b.float())
+    return factors
+
+
 def load_adapter(model: Any, adapter_dir: Path, base: api.ModelSource) -> Any:
     """``PeftModel.from_pretrained``, refusing adapters whose weights do not all fit the base."""
     from peft import PeftModel, get_peft_model_state_dict
@@ -430,14 +563,27 @@ def resize_for_adapter(model: Any, adapter_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def probe_inputs(tokenizer: Any, prompts: list[str]) -> list[torch.Tensor]:
+class Probes(NamedTuple):
+    """The probe inputs as one batch, padded on the right."""
+
+    ids: torch.Tensor  # [probes, longest]
+    mask: torch.Tensor  # 1 on each probe's own tokens, 0 on padding
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def probe_inputs(tokenizer: Any, prompts: list[str]) -> Probes:
     """Token ids of the fixed probe texts, plus the first verify prompts as chat turns."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
     texts = [(t, True) for t in PROBE_TEXTS] + [(_chat(tokenizer, p), False) for p in prompts[:PROBE_PROMPTS]]
-    return [
-        tokenizer(text, add_special_tokens=special, truncation=True, max_length=PROBE_MAX_TOKENS,
-                  return_tensors="pt")["input_ids"]
-        for text, special in texts
-    ]
+    rows = [torch.tensor(tokenizer(text, add_special_tokens=special, truncation=True,
+                                   max_length=PROBE_MAX_TOKENS)["input_ids"]) for text, special in texts]
+    masks = [torch.ones_like(row) for row in rows]
+    return Probes(pad_sequence(rows, batch_first=True), pad_sequence(masks, batch_first=True))
 
 
 def _chat(tokenizer: Any, prompt: str) -> str:
@@ -451,13 +597,18 @@ def _device(model: Any) -> Any:
     return next(model.parameters()).device
 
 
-def logits(model: Any, probes: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Logits of each probe (batch of one: no padding to mask), computed in float32, kept on the CPU."""
+def logits(model: Any, probes: Probes) -> torch.Tensor:
+    """Logits of every probe token [tokens, vocab], computed in float32, kept on the CPU.
+
+    One forward pass for all probes: the padding follows each probe's tokens, so causal attention
+    keeps it out of them (and the mask out of everything).
+    """
     import torch
 
     device = _device(model)
     with torch.no_grad(), float32_compute(model):
-        return [model(input_ids=ids.to(device)).logits[0].float().cpu() for ids in probes]
+        out = model(input_ids=probes.ids.to(device), attention_mask=probes.mask.to(device)).logits
+    return out[probes.mask.to(out.device).bool()].float().cpu()
 
 
 @contextlib.contextmanager
@@ -496,8 +647,8 @@ def float32_compute(model: Any) -> Iterator[None]:
                 module._parameters.update(saved.pop(id(module)))
 
 
-def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
 
 
 def check(diff: float, tolerance: float, what: str) -> None:
@@ -506,6 +657,30 @@ def check(diff: float, tolerance: float, what: str) -> None:
             f"{what} differs from base+adapter by {diff:.4g} in the logits (tolerance {tolerance:.4g}): "
             "nothing was published"
         )
+
+
+def warn_if_untrained(adapter_dir: Path) -> None:
+    """Warn when every lora_B is zero: the LoRA layers change nothing (an untrained adapter?), and the
+    check cannot tell the merged model from its base. Read from the weights: no forward pass."""
+    from safetensors import safe_open
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        return
+    with safe_open(str(path), "pt") as fh:
+        factors = [k for k in fh.keys() if ".lora_B" in k or ".lora_embedding_B" in k]
+        if factors and not any(fh.get_tensor(k).any() for k in factors):
+            log.warning("every lora_B weight of the adapter is zero: its LoRA layers change nothing (an "
+                        "untrained adapter?)")
+
+
+def merge_peft(peft_model: Any) -> Any:
+    """PEFT's ``merge_and_unload(safe_merge=True)``, after untying an adapted tied embedding."""
+    untie_adapted_embeddings(peft_model)
+    try:
+        return peft_model.merge_and_unload(safe_merge=True, progressbar=False)
+    except ValueError as err:  # safe_merge found NaNs
+        raise VerificationFailed(f"merging produced invalid weights: {err}") from err
 
 
 def untie_adapted_embeddings(peft_model: Any) -> None:
