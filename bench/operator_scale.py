@@ -3,7 +3,7 @@
     .venv/bin/python bench/operator_scale.py --write docs/benchmarks.md            # N = 100, 500, 1000
     .venv/bin/python bench/operator_scale.py --counts 100,500 --write docs/benchmarks.md
 
-For each N: a fresh namespace with the S3 credentials Secret, a fresh ``kubetune operator
+For each N: a fresh local control plane and namespace with the S3 credentials Secret, a fresh ``kubetune operator
 --namespace <ns>`` subprocess (admin kubeconfig, metrics server on a free port), then N
 FineTuneJobs created as fast as 8 client threads can POST them (a burst), or paced at ``--rate`` per
 second. Measured:
@@ -332,23 +332,23 @@ def main() -> None:
                "command": common.command_line(), "k8s": cluster_mod.K8S_VERSION, "results": []}
         logs = Path(tempfile.mkdtemp(prefix="kt-bench-operator-"))
         print(f"operator logs in {logs}", flush=True)
-        c = cluster_mod.LocalCluster.start()
-        try:
-            for crd in sorted((REPO / "crds").glob("*.yaml")):
-                c.kubectl("apply", "--server-side", "-f", str(crd))
-            for crd in ("finetunejobs", "mergejobs"):
-                c.kubectl("wait", "--for=condition=Established", f"crd/{crd}.kubetune.dev", "--timeout=60s")
-            for n in (int(x) for x in args.counts.split(",")):
-                try:
-                    result = one_round(c, n, logs, args.timeout, args.rate)
-                except Exception as err:  # noqa: BLE001 - one failed round must not lose the others
-                    result = {"n": n, "error": f"{type(err).__name__}: {err}"}
-                print(json.dumps(result), flush=True)
-                doc["results"].append(result)
-                if args.json_out:
-                    args.json_out.write_text(json.dumps(doc, indent=1))
-        finally:
-            c.stop()
+        for n in (int(x) for x in args.counts.split(",")):
+            # a fresh control plane per round: no round pays for the previous one's garbage collection
+            c = cluster_mod.LocalCluster.start()
+            try:
+                for crd in sorted((REPO / "crds").glob("*.yaml")):
+                    c.kubectl("apply", "--server-side", "-f", str(crd))
+                for crd in ("finetunejobs", "mergejobs"):
+                    c.kubectl("wait", "--for=condition=Established", f"crd/{crd}.kubetune.dev", "--timeout=60s")
+                result = one_round(c, n, logs, args.timeout, args.rate)
+            except Exception as err:  # noqa: BLE001 - one failed round must not lose the others
+                result = {"n": n, "error": f"{type(err).__name__}: {err}"}
+            finally:
+                c.stop()
+            print(json.dumps(result), flush=True)
+            doc["results"].append(result)
+            if args.json_out:
+                args.json_out.write_text(json.dumps(doc, indent=1))
     text = render(doc)
     print(text)
     if args.write:

@@ -11,6 +11,8 @@ Recipes compared (every configuration runs in its own Python process, so its pea
   QLoRA NF4 + double quant, LoRA r 16 on q_proj/v_proj, gradient checkpointing, paged AdamW 32-bit.
 * ``kubetune`` — :func:`kubetune_trainer.sft.train` with the spec's defaults (``bfd`` packing without
   cross-sample attention, LoRA r 16 on all linear layers), writing to a local folder.
+* ``kubetune+classic`` — kubetune's trainer with the baseline's settings (``wrapped`` packing, LoRA r 16
+  on q_proj/v_proj; the other defaults already match): the trainer's own overhead, same work.
 * ``kubetune+…`` — the same call with one proposed trainer change applied in-process by this script
   (``flex``: ``attn_implementation="flex_attention"``; ``liger``: Liger's RMSNorm/SwiGLU/RoPE kernels;
   ``nogc``: no gradient checkpointing; ``ga``: micro-batches of one packed row with gradient
@@ -72,8 +74,8 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 CPU_PLAN = [  # (model, seq, batch, steps, warmup, variants)
-    ("tiny", 256, 2, 8, 2, ["baseline", "kubetune"]),
-    ("smollm2", 128, 2, 5, 1, ["baseline", "kubetune"]),
+    ("tiny", 256, 2, 8, 2, ["baseline", "kubetune+classic", "kubetune"]),
+    ("smollm2", 128, 2, 5, 1, ["baseline", "kubetune+classic", "kubetune"]),
 ]
 GPU_PLAN = [  # most important first: a time budget may cut the tail
     ("llama-8b", 4096, 4, 9, 3, ["baseline", "kubetune+liger+ga", "kubetune+ga", "kubetune", "kubetune+flex+liger"]),
@@ -350,11 +352,17 @@ def run_kubetune(cfg: dict[str, Any], work: Path, changes: list[str]) -> None:
     from kubetune import api
 
     apply_changes(changes)
+    training = {"maxSteps": cfg["steps"], "maxLength": cfg["seq"], "batchSize": cfg["batch"], "loggingSteps": 1,
+                "saveSteps": 10_000}
+    lora: dict[str, Any] = {}
+    if "classic" in changes:  # the baseline's settings through kubetune's trainer: what the trainer itself costs
+        training["packing"] = "wrapped"
+        lora = {"targetModules": ["q_proj", "v_proj"]}
     spec = api.FineTuneJobSpec.model_validate({
         "model": {"name": cfg["model_dir"]},
         "dataset": {"source": "jsonl", "uri": cfg["data"], "format": "template", "template": TEMPLATE},
-        "training": {"maxSteps": cfg["steps"], "maxLength": cfg["seq"], "batchSize": cfg["batch"],
-                     "loggingSteps": 1, "saveSteps": 10_000},
+        "training": training,
+        **({"lora": lora} if lora else {}),
         "output": {"uri": "s3://bench/unused"},
     })
     spec = local_run.apply_overrides(spec, output=str(work / "output"), max_steps=None)

@@ -89,6 +89,15 @@ class Cache:
                 self._resources[key] = slimmed
         return key
 
+    def update(self, body: dict[str, Any]) -> None:
+        """Like :meth:`put`, for the answer to the operator's own write: only while the resource is
+        still cached, so a write racing its deletion cannot bring a deleted resource back."""
+        key = key_of(body)
+        slimmed = slim(body)
+        with self._lock:
+            if key in self._resources and not _older(slimmed, self._resources[key]):
+                self._resources[key] = slimmed
+
     def get(self, key: Key) -> dict[str, Any] | None:
         """A shallow copy (the caller may replace top-level fields such as ``status``)."""
         with self._lock:

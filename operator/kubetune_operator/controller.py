@@ -20,6 +20,7 @@ import contextvars
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 
 from kubetune import api, contract
 from kubetune_operator import builders, metrics, status, validation
-from kubetune_operator.cache import Cache, Key
+from kubetune_operator.cache import Cache, Key, key_of
 from kubetune_operator.kube import ApiError, Kube
 from kubetune_operator.workqueue import WorkQueue
 
@@ -36,6 +37,7 @@ log = logging.getLogger("kubetune.operator")
 RESYNC_SECONDS = 600.0  # safety net for missed watch events on unfinished resources (kopf re-lists on reconnects)
 BACKOFF_FIRST, BACKOFF_MAX = 5.0, 300.0  # re-check of blocked resources and of failed reconciles
 WORKERS = 8
+SECRET_TTL = 10.0  # seconds a Secret seen to exist is not read again (absence is never cached)
 # Events: one per phase change (not into Pending: JobCreated says it), one per failure/stall, and
 # these Pending/Running reasons a user must see in `kubectl describe`. Not every Pending sub-step.
 NOTABLE_REASONS = {"Unschedulable", "Retrying", "WaitingForCleanup"}
@@ -72,6 +74,8 @@ class Controller:
     queue: WorkQueue = field(default_factory=lambda: WorkQueue(BACKOFF_FIRST, BACKOFF_MAX))
     workers: int = WORKERS
     _threads: list[threading.Thread] = field(default_factory=list)
+    _secrets: dict[tuple[str, str], tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    _secrets_lock: threading.Lock = field(default_factory=threading.Lock)
     _children_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="children"))
 
@@ -116,7 +120,7 @@ class Controller:
 
     def observed(self, body: dict[str, Any], deleted: bool = False) -> None:
         """A FineTuneJob or MergeJob changed (or was listed, or deleted)."""
-        key = (body["kind"], body["metadata"].get("namespace") or "", body["metadata"]["name"])
+        key = key_of(body)
         if deleted:
             self.cache.drop(key)
             self.cache.forget_children(key)
@@ -216,9 +220,29 @@ class Controller:
                 return status.Verdict("Failed", "InvalidSpec", f"cannot resolve the MergeJob: {err}",
                                       stalled=True), None
         needs = validation.secret_needs(run_spec)
-        secrets = {n.name: self.kube.get("Secret", ns, n.name) for n in needs}
+        secrets = {n.name: self._secret_keys(ns, n.name) for n in needs}
         blocked = validation.check_secrets(needs, secrets)
         return (blocked, None) if blocked else (None, run_spec)
+
+    def _secret_keys(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Secret's key names (``{"data": {key: ""}}``), None when it does not exist. A Secret seen
+        in the last SECRET_TTL seconds is not read again: a burst of jobs sharing one Secret costs one
+        GET. Absence is never cached, so a Secret created after its job is noticed at the next check.
+        Values are never kept."""
+        now = time.monotonic()
+        with self._secrets_lock:
+            seen = self._secrets.get((namespace, name))
+        if seen and now - seen[0] < SECRET_TTL:
+            return seen[1]
+        secret = self.kube.get("Secret", namespace, name)
+        if secret is None:
+            return None
+        keys = {"data": dict.fromkeys(set(secret.get("data") or {}) | set(secret.get("stringData") or {}), "")}
+        with self._secrets_lock:
+            self._secrets[(namespace, name)] = (now, keys)
+            for stale in [k for k, (t, _) in self._secrets.items() if now - t >= SECRET_TTL]:
+                del self._secrets[stale]
+        return keys
 
     def _create_children(self, body: dict[str, Any], spec: Any) -> dict[str, Any]:
         """The ConfigMap, ServiceAccount, Role and RoleBinding (at once: they are independent), then
@@ -259,7 +283,7 @@ class Controller:
         if not patch:
             return
         written = self.kube.patch(kind, meta["namespace"], meta["name"], {"status": patch}, subresource="status")
-        self.cache.put({**written, "kind": kind})
+        self.cache.update({**written, "kind": kind})
         body["status"] = {**old, **patch}
         event = transition_event(old, new)
         if event:
@@ -277,7 +301,7 @@ class Controller:
             self.emit(body, "Normal", "MergeJobCreated", f"created MergeJob {mj['metadata']['name']}")
         written = self.kube.patch("FineTuneJob", meta["namespace"], meta["name"],
                                   {"status": {"mergeJobName": mj["metadata"]["name"]}}, subresource="status")
-        self.cache.put({**written, "kind": "FineTuneJob"})
+        self.cache.update({**written, "kind": "FineTuneJob"})
 
 
 def transition_event(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, str, str] | None:

@@ -149,3 +149,13 @@ def test_events_mark_transitions_that_matter_not_every_pending_step():
     assert transition_event(_st("Pending", "PodPending"), _st("Pending", "ImagePullBackOff", stalled=True))[0] == \
         "Warning"
     assert transition_event(_st("Running", "Running"), _st("Succeeded", "Succeeded"))[:2] == ("Normal", "Succeeded")
+
+
+def test_a_write_answer_never_brings_back_a_deleted_resource():
+    cache = Cache()
+    body = {"kind": "FineTuneJob", "metadata": {"name": "x", "namespace": "ns", "uid": "u", "resourceVersion": "5"}}
+    cache.update(body)
+    assert cache.get(("FineTuneJob", "ns", "x")) is None
+    cache.put(body)
+    cache.update({**body, "metadata": {**body["metadata"], "resourceVersion": "6"}, "status": {"phase": "Running"}})
+    assert cache.get(("FineTuneJob", "ns", "x"))["status"] == {"phase": "Running"}
