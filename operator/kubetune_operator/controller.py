@@ -79,6 +79,9 @@ class Controller:
     _children_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="children"))
 
+    def __post_init__(self) -> None:
+        metrics.QUEUE_DEPTH.set_function(lambda: len(self.queue))
+
     # -- lifecycle
 
     def prefill(self, namespaces: list[str] | None) -> None:
@@ -104,9 +107,12 @@ class Controller:
             self._threads.append(thread)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Let the workers finish their current reconcile (``timeout`` seconds in all; they are
+        daemon threads, so one stuck in a request does not hold the exit)."""
         self.queue.shutdown()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._children_pool.shutdown(wait=False, cancel_futures=True)
 
     def _work(self) -> None:

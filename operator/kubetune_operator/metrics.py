@@ -7,7 +7,8 @@
 
 Metrics: ``kubetune_jobs{kind,phase}`` (resources by phase), ``kubetune_reconcile_duration_seconds``
 (histogram, by kind), ``kubetune_reconcile_errors_total`` (by kind), ``kubetune_leader`` (1 when
-this replica holds the Lease).
+this replica holds the Lease), ``kubetune_workqueue_depth`` (resources waiting for a reconcile
+worker: a queue that stays long means the operator or the API server cannot keep up).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ RECONCILE_SECONDS = Histogram("kubetune_reconcile_duration_seconds", "Time spent
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised an error", ["kind"])
 LEADER = Gauge("kubetune_leader", "1 when this replica holds the leader Lease")
+QUEUE_DEPTH = Gauge("kubetune_workqueue_depth", "Resources waiting for a reconcile worker")
 
 _phases: dict[str, tuple[str, str]] = {}
 _lock = threading.Lock()

@@ -67,6 +67,8 @@ def test_two_replicas_one_leader_and_failover(cluster, ns, operator_identity, tm
         text = _get(f"http://127.0.0.1:{ports[0]}/metrics")[1]
         assert 'kubetune_jobs{kind="FineTuneJob",phase="Running"} 1.0' in text
         assert "kubetune_reconcile_duration_seconds_count" in text
+        wait_for(lambda: "kubetune_workqueue_depth 0.0" in _get(f"http://127.0.0.1:{ports[0]}/metrics")[1], 10,
+                 "an empty work queue once the status is written")
         assert "JobCreated" not in ops[1].logs() and "Handler" not in ops[1].logs()  # the standby did nothing
 
         ops[0].stop()  # graceful: releases the Lease, the standby takes over at once
