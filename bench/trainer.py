@@ -74,8 +74,8 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 CPU_PLAN = [  # (model, seq, batch, steps, warmup, variants)
-    ("tiny", 256, 2, 8, 2, ["baseline", "kubetune+classic", "kubetune"]),
-    ("smollm2", 128, 2, 5, 1, ["baseline", "kubetune+classic", "kubetune"]),
+    ("tiny", 256, 2, 30, 3, ["baseline", "kubetune+classic", "kubetune"]),
+    ("smollm2", 128, 2, 16, 2, ["baseline", "kubetune+classic", "kubetune"]),
 ]
 GPU_PLAN = [  # most important first: a time budget may cut the tail
     ("llama-8b", 4096, 4, 9, 3, ["baseline", "kubetune+liger+ga", "kubetune+ga", "kubetune", "kubetune+flex+liger"]),
@@ -431,7 +431,7 @@ def gpu_peak() -> tuple[str | None, float | None]:
 
 def run_plan(plan: list[tuple[str, int, int, int, int, list[str]]], cache: Path, tokenizer_dir: Path | None,
              budget_s: float, per_config_s: float, json_out: Path | None, logs: Path | None,
-             profile: bool = False) -> dict[str, Any]:
+             profile: bool = False, repeats: int = 1) -> dict[str, Any]:
     deadline = time.monotonic() + budget_s
     gpu_name, peak = gpu_peak()
     doc: dict[str, Any] = {"date": common.now_utc(), "machine": common.machine(), "versions": common.versions(),
@@ -445,16 +445,17 @@ def run_plan(plan: list[tuple[str, int, int, int, int, list[str]]], cache: Path,
         data, data_stats = write_dataset(data_dir, seq, batch, steps)
         print(f"== {model_name} seq {seq}: model ready in {build_s:.0f}s, N={n_matmul / 1e9:.2f}B, data {data_stats}",
               flush=True)
-        for variant in variants:
+        for repeat, variant in [(rep, v) for rep in range(repeats) for v in variants]:  # interleaved
             left = deadline - time.monotonic()
             entry: dict[str, Any] = {"model": model_name, "seq": seq, "batch": batch, "steps": steps,
-                                     "warmup": warmup, "variant": variant, "n_matmul": n_matmul, "data": data_stats}
+                                     "warmup": warmup, "variant": variant, "n_matmul": n_matmul, "data": data_stats,
+                                     "repeat": repeat}
             if left < 60:
                 entry["error"] = "skipped: out of time budget"
             else:
                 cfg = {"model_dir": str(model_dir), "data": str(data), "seq": seq, "batch": batch, "steps": steps,
                        "warmup": warmup, "variant": variant, "profile": profile}
-                log_path = logs / f"{model_name}-{seq}-{variant.replace('+', '_')}.log" if logs else None
+                log_path = logs / f"{model_name}-{seq}-{variant.replace('+', '_')}-{repeat}.log" if logs else None
                 entry.update(common.run_worker(Path(__file__), cfg, timeout=min(per_config_s, left), log_path=log_path))
                 if peak and entry.get("tokens_per_s"):
                     entry["mfu"] = 4 * n_matmul * entry["tokens_per_s"] / peak
@@ -468,15 +469,37 @@ def run_plan(plan: list[tuple[str, int, int, int, int, list[str]]], cache: Path,
     return doc
 
 
+def median_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per configuration: with ``--repeats``, the run with the median tokens/s, annotated with
+    the number of runs and their range (``runs``); failed runs count only when all failed."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["seq"], r["batch"], r["variant"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        ok = sorted((r for r in runs if not r.get("error") and r.get("tokens_per_s")), key=lambda r: r["tokens_per_s"])
+        if not ok:
+            out.append(runs[0])
+            continue
+        mid = {**ok[(len(ok) - 1) // 2]}
+        if len(ok) > 1:
+            mid["runs"] = f"{len(ok)} ({ok[0]['tokens_per_s']:,.0f}–{ok[-1]['tokens_per_s']:,.0f})"
+        out.append(mid)
+    return out
+
+
 def render(doc: dict[str, Any], heading: str) -> str:
-    """One run's markdown: context, the table with ratios vs the baseline of the same run."""
-    results = doc["results"]
+    """One run's markdown: context, the table with ratios vs the baseline of the same run (medians when
+    configurations were repeated)."""
+    results = median_runs(doc["results"])
+    repeated = any(r.get("runs") for r in results)
     base = {(r["model"], r["seq"]): r for r in results if r["variant"] == "baseline" and not r.get("error")}
     gpu = bool(doc.get("gpu_peak_flops"))
     mem_key, mem_name = ("peak_gpu_mib", "peak GPU mem (MiB)") if gpu else ("peak_rss_mib", "peak RSS (MiB)")
     headers = ["model", "seq × batch", "recipe", "tokens/s", "step (s)", mem_name]
     headers += ["MFU"] if gpu else []
     headers += ["loss @K", "trainable", "tokens/s ÷ base", "mem ÷ base"]
+    headers += ["runs (tokens/s range)"] if repeated else []
     rows = []
     for r in results:
         b = base.get((r["model"], r["seq"]))
@@ -484,7 +507,7 @@ def render(doc: dict[str, Any], heading: str) -> str:
             skipped = r["error"].startswith("skipped")
             error = "not run (device time ran out)" if skipped else f"error: {r['error'][:120]}"
             rows.append([r["model"], f"{r['seq']} × {r['batch']}", r["variant"], error, None,
-                         None] + ([None] if gpu else []) + [None, None, None, None])
+                         None] + ([None] if gpu else []) + [None, None, None, None] + ([None] if repeated else []))
             continue
         row = [r["model"], f"{r['seq']} × {r['batch']}", r["variant"], r.get("tokens_per_s"), r.get("step_s"),
                r.get(mem_key)]
@@ -492,6 +515,7 @@ def render(doc: dict[str, Any], heading: str) -> str:
         row += [r.get("loss_last"), f"{r.get('trainable_params', 0) / 1e6:.2f}M",
                 common.ratio(r.get("tokens_per_s"), b and b.get("tokens_per_s")),
                 common.ratio(r.get(mem_key), b and b.get(mem_key))]
+        row += [r.get("runs", "1")] if repeated else []
         rows.append(row)
     m = doc["machine"]
     lines = [heading, "",
@@ -525,6 +549,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: SmolLM2's)")
     parser.add_argument("--budget-s", type=float, default=1800, help="stop starting configurations after this")
     parser.add_argument("--per-config-s", type=float, default=300)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every configuration this many times, interleaved; report the median")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--logs", type=Path, default=None, help="folder for each configuration's output")
     parser.add_argument("--from-json", type=Path, action="append", default=[], help="render saved results")
@@ -553,7 +579,7 @@ def main() -> None:
             args.logs.mkdir(parents=True, exist_ok=True)
         tokenizer = args.tokenizer or (save_tokenizer(args.cache / "tokenizer") if args.gpu else None)
         docs.append(run_plan(plan, args.cache, tokenizer, args.budget_s, args.per_config_s, args.json_out, args.logs,
-                             args.profile))
+                             args.profile, args.repeats))
     sections: dict[str, list[dict[str, Any]]] = {}
     for doc in docs:
         gpu = bool(doc.get("gpu_peak_flops")) or bool(doc.get("gpu"))
