@@ -336,10 +336,7 @@ def main() -> None:
             # a fresh control plane per round: no round pays for the previous one's garbage collection
             c = cluster_mod.LocalCluster.start()
             try:
-                for crd in sorted((REPO / "crds").glob("*.yaml")):
-                    c.kubectl("apply", "--server-side", "-f", str(crd))
-                for crd in ("finetunejobs", "mergejobs"):
-                    c.kubectl("wait", "--for=condition=Established", f"crd/{crd}.kubetune.dev", "--timeout=60s")
+                c.install_crds(REPO / "crds")
                 result = one_round(c, n, logs, args.timeout, args.rate)
             except Exception as err:  # noqa: BLE001 - one failed round must not lose the others
                 result = {"n": n, "error": f"{type(err).__name__}: {err}"}

@@ -1223,6 +1223,14 @@ class LocalCluster:
                 content_type="application/merge-patch+json",
             )
 
+    def install_crds(self, folder: Path | str) -> None:
+        """``kubectl apply --server-side`` every CRD in ``folder`` and wait until each is Established."""
+        crds = sorted(Path(folder).glob("*.yaml"))
+        for crd in crds:
+            self.kubectl("apply", "--server-side", "-f", str(crd))
+        for crd in crds:
+            self.kubectl("wait", "--for=condition=Established", "-f", str(crd), "--timeout=60s")
+
     def kubectl(
         self, *args: str, token: str | None = None, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess:

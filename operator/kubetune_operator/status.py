@@ -220,6 +220,11 @@ def verdict(job: dict[str, Any] | None, pods: list[dict[str, Any]], spec_suspend
     if failed:
         return _failed(job, failed, failed_pods)
     if (job.get("spec") or {}).get("suspend"):
+        running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+        if running:  # SIGTERM'd, saving its checkpoint: Suspended only once it is gone, so that the
+            # status read at Suspended names the checkpoint a resume starts from
+            name = running[-1]["metadata"].get("name", "")
+            return Verdict("Running", "Suspending", f"pod {name} is saving a checkpoint and stopping")
         if spec_suspend:
             return Verdict("Suspended", "Suspended", "suspended (spec.suspend); unsuspend to resume from the "
                                                      "latest checkpoint")

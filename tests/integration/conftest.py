@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +12,5 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def crds_installed(cluster: Any) -> Any:
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-    subprocess.run(["kubectl", "apply", "-f", str(REPO / "crds")], env=env, check=True, capture_output=True)
-    subprocess.run(["kubectl", "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev",
-                    "crd/mergejobs.kubetune.dev", "--timeout=60s"], env=env, check=True, capture_output=True)
+    cluster.install_crds(REPO / "crds")
     return cluster

@@ -109,7 +109,8 @@ def test_explain_and_printer_columns(kubectl: Kubectl) -> None:
     assert "Rank of the update matrices" in explain
     kubectl.apply(named(minimal_ftj(), "columns"))
     kubectl("patch", "ftj", "columns", "--subresource=status", "--type=merge", "-p",
-            json.dumps({"status": {"phase": "Running", "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "progress": {"percent": 42, "loss": 1.25, "eta": "3m"}}}))
+            json.dumps({"status": {"phase": "Running", "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                   "progress": {"percent": 42, "loss": 1.25, "eta": "3m"}}}))
     table = kubectl("get", "ftj", "columns").stdout.splitlines()
     assert table[0].split() == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "ETA", "AGE"]
     assert table[1].split()[:6] == ["columns", "Running", "HuggingFaceTB/SmolLM2-135M-Instruct", "42", "1.25", "3m"]

@@ -81,10 +81,7 @@ def cluster() -> Iterator[Any]:
 
     c = cluster_mod.LocalCluster.start()
     try:
-        for crd in sorted((REPO / "crds").glob("*.yaml")):
-            c.kubectl("apply", "--server-side", "-f", str(crd))
-        for crd in ("finetunejobs", "mergejobs"):
-            c.kubectl("wait", "--for=condition=Established", f"crd/{crd}.kubetune.dev", "--timeout=60s")
+        c.install_crds(REPO / "crds")
         yield c
     finally:
         c.stop()

@@ -235,6 +235,18 @@ def test_suspended_and_waiting_for_admission(ftj_body):
     assert (st["phase"], _cond(st, "Ready")["reason"]) == ("Pending", "WaitingForAdmission")
 
 
+def test_suspend_waits_for_the_running_pod_to_save_and_stop(ftj_body):
+    """Suspended is reported once the pod that got SIGTERM is gone: until then it is saving the
+    checkpoint the status will name."""
+    job = job_dict(suspend=True)
+    saving = pod_dict("demo-train-a", "Running")
+    st = derive(ftj_body(suspend=True), job, [saving], spec_suspend=True)
+    assert (st["phase"], _cond(st, "Ready")["reason"]) == ("Running", "Suspending")
+    assert "demo-train-a is saving a checkpoint" in st["message"]
+    stopped = pod_dict("demo-train-a", "Failed", terminated={"exitCode": 7, "message": term_msg("Preempted", "saved")})
+    assert derive(ftj_body(suspend=True), job, [stopped], spec_suspend=True)["phase"] == "Suspended"
+
+
 def test_blocked_verdict_overrides(ftj_body):
     blocked = status.Verdict("Failed", "SecretNotFound", "Secret 's3-creds' not found", stalled=True)
     st = derive(ftj_body(), None, [], blocked=blocked)
