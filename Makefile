@@ -49,6 +49,7 @@ cluster-down: ## stop it
 
 bench: install cluster-build ## benchmarks; results go to docs/benchmarks.md
 	$(PY) bench/trainer.py --write docs/benchmarks.md
+	$(PY) bench/data.py --write docs/benchmarks.md
 	$(PY) bench/merge.py --write docs/benchmarks.md
 	$(PY) bench/operator_scale.py --write docs/benchmarks.md
 

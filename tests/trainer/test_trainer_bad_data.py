@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune_trainer import data
+from kubetune_trainer import data, sft
 from kubetune_trainer.runtime import InvalidDataset
-from trainer_helpers import KUBETUNE, cli_env, spec_doc, write_jsonl
+from trainer_helpers import KUBETUNE, cli_env, marked, spec_doc, write_jsonl
 
 QA_T = "Q: {question}\nA: {answer}"
 CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -46,7 +46,7 @@ class Case:
     dataset: dict[str, Any]
     match: str  # regex the InvalidDataset message must contain
     max_length: int = 64
-    assistant_only: bool = False
+    marked_template: bool = False  # tokenizer whose chat template marks assistant turns: assistant-only loss
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,7 +73,12 @@ CASES = [
          r"zero trainable tokens: every prompt fills training.maxLength=16", max_length=16),
     Case("no-assistant-turn", _jsonl([{"messages": [{"role": "user", "content": "hi"}]}] * 2),
          {"source": "jsonl", "format": "messages"}, r"zero trainable tokens: no conversation has an assistant turn",
-         assistant_only=True),
+         marked_template=True),
+    Case("some-conversations-without-assistant-turn",
+         _jsonl([{"messages": CHAT}, {"messages": CHAT[:1]}, {"messages": CHAT}, {"messages": CHAT[:1]}]),
+         {"source": "jsonl", "format": "messages"},
+         r"2 of 4 conversations have no assistant turn \(training split rows 1, 3\).*add the replies or remove",
+         marked_template=True),
     Case("unknown-role", _jsonl([{"messages": [{"role": "bot", "content": "hi"}]}]),
          {"source": "jsonl", "format": "messages"}, r"row 0 message 0 has role str 'bot'"),
     Case("non-string-content", _jsonl([{"messages": [CHAT[0], {"role": "assistant", "content": 7}]}]),
@@ -99,9 +104,13 @@ def test_bad_dataset_is_named_clearly(case: Case, tmp_path: Path, store: Any, to
     from kubetune import api
 
     spec = api.Dataset.model_validate({**case.dataset, "uri": case.make(tmp_path)})
+    tokenizer = marked(tokenizer) if case.marked_template else tokenizer
     with pytest.raises(InvalidDataset, match=case.match):
         splits = data.load_splits(spec, store, tmp_path / "work", seed=0)
-        data.check_tokens(splits.train, tokenizer, case.max_length, "bfd", assistant_only=case.assistant_only)
+        assistant_only, template = sft.assistant_only_loss(spec, tokenizer)
+        assert assistant_only == case.marked_template
+        tokenized = data.tokenize(splits.train, tokenizer, assistant_only, template)
+        data.check_tokens(tokenized, case.max_length, "bfd", assistant_only)
 
 
 def test_cli_exits_3_before_loading_any_model(tmp_path: Path, tokenizer_only_dir: Path) -> None:

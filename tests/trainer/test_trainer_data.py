@@ -170,9 +170,10 @@ def test_check_tokens_counts_trainable_tokens(tmp_path: Path, dataset_spec: Any,
     path = write_jsonl(tmp_path / "pc.jsonl", rows)
     spec = dataset_spec(source="jsonl", uri=str(path), format="promptCompletion")
     ds = load(spec, store, tmp_path).train
-    full = data.check_tokens(ds, tokenizer, max_length=64, packing="bfd")
+    tokenized = data.tokenize(ds, tokenizer)
+    full = data.check_tokens(tokenized, max_length=64, packing="bfd")
     assert full.trainable < full.tokens and full.too_long == 0
-    cut = data.check_tokens(ds, tokenizer, max_length=12, packing="bfd")  # prompts ~10 tokens: little left
+    cut = data.check_tokens(tokenized, max_length=12, packing="bfd")  # prompts ~10 tokens: little left
     assert cut.too_long == 3 and 0 < cut.trainable < full.trainable
 
 
@@ -180,10 +181,11 @@ def test_wrapped_packing_accepts_long_samples(tmp_path: Path, dataset_spec: Any,
                                              tokenizer: Any) -> None:
     path = write_jsonl(tmp_path / "long.jsonl", [{"text": "word " * 50}] * 3)
     ds = load(dataset_spec(source="jsonl", uri=str(path)), store, tmp_path).train
-    stats = data.check_tokens(ds, tokenizer, max_length=16, packing="wrapped")
+    tokenized = data.tokenize(ds, tokenizer)
+    stats = data.check_tokens(tokenized, max_length=16, packing="wrapped")
     assert stats.too_long == 3 and stats.trainable == stats.tokens
     with pytest.raises(InvalidDataset, match="all 3 samples are longer than training.maxLength=16"):
-        data.check_tokens(ds, tokenizer, max_length=16, packing="bfd")
+        data.check_tokens(tokenized, max_length=16, packing="bfd")
 
 
 def test_template_fields_parsing() -> None:
@@ -207,5 +209,5 @@ def test_shipped_sample_datasets_are_valid(name: str, fields: dict[str, Any], tm
     spec = dataset_spec(source="jsonl", uri=str(SAMPLES / name), **fields)
     splits = load(spec, store, tmp_path)
     assert len(splits.train) == 16
-    stats = data.check_tokens(splits.train, tokenizer, 128, "bfd")
+    stats = data.check_tokens(data.tokenize(splits.train, tokenizer), 128, "bfd")
     assert stats.too_long == 0 and stats.trainable > 0

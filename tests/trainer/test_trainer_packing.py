@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from kubetune_trainer import modeling, sft
+from kubetune_trainer import data, modeling, sft
 from trainer_helpers import QA
 
 from kubetune import api
@@ -26,8 +26,9 @@ def build_trainer(model_dir: Path, packing: str, tmp_path: Path, n: int = 24, ma
     tokenizer = modeling.load_tokenizer(str(model_dir), source)
     model = modeling.load_model(str(model_dir), source, api.Quantization(), gradient_checkpointing=False)
     texts = [f"Question: {q}\nAnswer: {a}" for q, a in QA[:n]]
-    trainer = SFTTrainer(model=model, args=sft.sft_config(training, tmp_path / "t", False, False, False, None),
-                         train_dataset=datasets.Dataset.from_dict({"text": texts}), processing_class=tokenizer,
+    tokenized = data.tokenize(datasets.Dataset.from_dict({"text": texts}), tokenizer)
+    trainer = SFTTrainer(model=model, args=sft.sft_config(training, tmp_path / "t", False, False, None),
+                         train_dataset=tokenized, processing_class=tokenizer,
                          peft_config=modeling.lora_config(api.Lora(r=8, dropout=0.0)))
     sft.keep_adapter_in_compute_dtype(trainer.model, api.Quantization())
     trainer.model.eval()

@@ -82,12 +82,12 @@ def test_qlora_bfd_from_s3_to_s3(tiny_model_dir: Path, s3: Any, s3_env: dict[str
     assert all(0 <= p["percent"] <= 100 and p["updatedAt"].endswith("Z") for p in reported)
     assert {"checkpointUri": f"{out}/checkpoints/step-8"} in reporter.patches
     # -- what the pod says it is doing goes to status.stage; status.message is the operator's
+    manifest = store.get_json(f"{out}/manifest.json")
     assert [p["stage"] for p in reporter.patches if "stage" in p] == [
-        f"loading dataset s3://{prefix}/data/qa.jsonl", f"loading model {model_uri}", "training from step 0",
-        "uploading the adapter and report"]
+        f"loading dataset s3://{prefix}/data/qa.jsonl", f"tokenizing {manifest['data']['trainingRows']} samples",
+        f"loading model {model_uri}", "training from step 0", "uploading the adapter and report"]
     assert not [p for p in reporter.patches if "message" in p]
     # -- loss goes down
-    manifest = store.get_json(f"{out}/manifest.json")
     assert manifest["metrics"]["finalLoss"] < manifest["metrics"]["firstLoss"]
     # -- checkpoints: keepCheckpoints=2 of steps 8, 16, 20; the pointer names the newest
     assert store.get_json(f"{out}/checkpoints/latest.json")["step"] == 20

@@ -14,7 +14,7 @@ from kubetune_trainer import checkpoints, local_run, modeling, report, runtime, 
 from kubetune_trainer.callbacks import ProgressReporter, format_duration, progress_fields
 from kubetune_trainer.runtime import PodContext, StatusReporter, StorageError
 from kubetune_trainer.storage import Store
-from trainer_helpers import KUBETUNE, cli_env, qa_rows, spec_doc, write_jsonl
+from trainer_helpers import KUBETUNE, cli_env, marked, qa_rows, spec_doc, write_jsonl
 from transformers import TrainerControl, TrainerState
 
 from kubetune import api, contract
@@ -161,11 +161,12 @@ def test_report_files(tmp_path: Path) -> None:
 
 def test_sft_config_on_cpu(tmp_path: Path) -> None:
     t = api.Training(maxSteps=10, packing="wrapped", evalSteps=None, loggingSteps=3)
-    config = sft.sft_config(t, tmp_path, has_eval=True, assistant_only=False, wandb=False, run_name="x")
+    config = sft.sft_config(t, tmp_path, has_eval=True, wandb=False, run_name="x")
     assert (config.bf16, config.fp16, config.optim, config.max_steps) == (False, False, "adamw_torch", 10)
     assert (config.packing, config.packing_strategy, config.eval_steps) == (True, "wrapped", 3)
     assert config.report_to == [] or config.report_to == "none" or config.report_to == ["none"]
-    none = sft.sft_config(api.Training(epochs=2, packing="none"), tmp_path, False, False, True, None)
+    assert config.dataset_num_proc is None and config.assistant_only_loss is False  # data.tokenize did that work
+    none = sft.sft_config(api.Training(epochs=2, packing="none"), tmp_path, False, True, None)
     assert (none.packing, none.num_train_epochs, none.eval_strategy, none.report_to) == (False, 2, "no", ["wandb"])
     assert sft.optimizer_name("paged_adamw_8bit") == "paged_adamw_8bit"
 
@@ -189,23 +190,13 @@ def test_chat_template_without_generation_markers_falls_back(tokenizer: Any) -> 
     assert sft.assistant_only_loss(api.Dataset(source="jsonl", uri="x"), tokenizer) == (False, None)
 
 
-GENERATION_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
-    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 def test_chat_template_with_generation_markers_trains_assistant_turns_only(tokenizer: Any) -> None:
-    import copy
-
-    marked = copy.deepcopy(tokenizer)
-    marked.chat_template = GENERATION_TEMPLATE
+    marked_tokenizer = marked(tokenizer)
     messages = api.Dataset(source="jsonl", uri="x", format="messages")
-    assert sft.assistant_only_loss(messages, marked) == (True, None)
-    out = marked.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
-                                     tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert sft.assistant_only_loss(messages, marked_tokenizer) == (True, None)
+    out = marked_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+        tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert 0 < sum(out["assistant_masks"]) < len(out["input_ids"])
 
 

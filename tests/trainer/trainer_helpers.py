@@ -14,6 +14,23 @@ BUCKET = "trainer-tests"
 
 QA = [(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(40)]
 
+# A ChatML template with {% generation %} markers: assistant-only loss (the tiny tokenizer's own has none)
+GENERATION_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def marked(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer`` whose chat template marks the assistant turns."""
+    import copy
+
+    out = copy.deepcopy(tokenizer)
+    out.chat_template = GENERATION_TEMPLATE
+    return out
+
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:60]

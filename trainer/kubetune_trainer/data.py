@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -442,8 +442,75 @@ def format_split(raw: RawSplit, spec: api.Dataset) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# Token-level checks (need the tokenizer, not the model)
+# Tokenization (once, batched) and the token-level checks
 # ----------------------------------------------------------------------------------------------
+
+ROWS_PER_WORKER = 2000  # below this a worker process costs more than it saves
+TOKENIZE_BATCH = 500
+
+
+def cpu_budget() -> int:
+    """CPUs this process may use: the cgroup's quota (a pod's ``limits.cpu``) when set, else its affinity."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def dataset_workers(rows: int, cpus: int | None = None) -> int | None:
+    """Processes for a ``datasets.map`` over ``rows`` rows (None: in this process)."""
+    workers = min(cpus or cpu_budget(), rows // ROWS_PER_WORKER)
+    return workers if workers > 1 else None
+
+
+def _labelled(ids: list[int], mask: list[int] | None) -> list[int]:
+    return list(ids) if mask is None else [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+
+
+def _tokenize_batch(batch: dict[str, list[Any]], tokenizer: Any, assistant_only: bool,
+                    chat_template: str | None) -> dict[str, list[Any]]:
+    """TRL's per-sample tokenization (``SFTTrainer._prepare_dataset``), for a batch at once.
+
+    text: text + EOS; prompt/completion: prompt + completion + EOS, loss on the tokens after the
+    longest common prefix of the tokenized prompt and the tokenized whole; messages: the chat
+    template, loss on the assistant tokens (``{% generation %}``) or on everything."""
+    eos = tokenizer.eos_token or ""
+    if "text" in batch:
+        texts = [t if t.endswith(eos) else t + eos for t in batch["text"]]
+        ids = tokenizer(texts)["input_ids"]
+        return {"input_ids": ids, "labels": [list(i) for i in ids]}
+    if "prompt" in batch:
+        completions = [c if c.endswith(eos) else c + eos for c in batch["completion"]]
+        prompts = tokenizer(batch["prompt"])["input_ids"]
+        full = tokenizer([p + c for p, c in zip(batch["prompt"], completions, strict=True)])["input_ids"]
+        labels = []
+        for p, f in zip(prompts, full, strict=True):
+            shared = next((i for i, (a, b) in enumerate(zip(p, f, strict=False)) if a != b), min(len(p), len(f)))
+            labels.append([-100] * shared + list(f[shared:]))
+        return {"input_ids": full, "labels": labels}
+    out = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
+                                        chat_template=chat_template, return_assistant_tokens_mask=assistant_only)
+    masks = out["assistant_masks"] if assistant_only else [None] * len(out["input_ids"])
+    return {"input_ids": out["input_ids"],
+            "labels": [_labelled(i, m) for i, m in zip(out["input_ids"], masks, strict=True)]}
+
+
+def tokenize(ds: Any, tokenizer: Any, assistant_only: bool = False, chat_template: str | None = None,
+             workers: int | None = None) -> Any:
+    """The split as TRL's pre-tokenized dataset: ``input_ids`` and ``labels`` (-100 where no loss).
+
+    SFTTrainer uses such a dataset as it is (no second tokenization, no label pass) and only packs
+    it, so the check below counts exactly the tokens that are trained. Batched (the Rust tokenizer
+    works on a whole batch) and spread over ``workers`` processes (default: :func:`dataset_workers`)."""
+    processes = dataset_workers(len(ds)) if workers is None else workers if workers > 1 else None
+    return ds.map(_tokenize_batch, batched=True, batch_size=TOKENIZE_BATCH, num_proc=processes,
+                  remove_columns=ds.column_names, desc="Tokenizing" if processes else None,
+                  fn_kwargs={"tokenizer": tokenizer, "assistant_only": assistant_only,
+                             "chat_template": chat_template})
 
 
 @dataclass
@@ -456,45 +523,34 @@ class TokenStats:
     longest: int
 
 
-def _lengths(ds: Any, tokenizer: Any, chat_template: str | None) -> Iterable[tuple[int, int]]:
-    """(total tokens, tokens that carry no loss) per sample, counted the way TRL tokenizes."""
-    eos = 1  # TRL appends EOS to text and completions
-    if "text" in ds.column_names:
-        for ids in tokenizer(list(ds["text"]), add_special_tokens=True)["input_ids"]:
-            yield len(ids) + eos, 0
-    elif "prompt" in ds.column_names:
-        prompts = tokenizer(list(ds["prompt"]))["input_ids"]
-        full = tokenizer([p + c for p, c in zip(ds["prompt"], ds["completion"], strict=True)])["input_ids"]
-        for p, f in zip(prompts, full, strict=True):
-            yield len(f) + eos, len(p)
-    else:
-        for messages in ds["messages"]:
-            ids = tokenizer.apply_chat_template(messages, tokenize=True, chat_template=chat_template)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            untrained = 0 if any(m["role"] == "assistant" for m in messages) else len(ids)
-            yield len(ids), untrained
-
-
-def check_tokens(ds: Any, tokenizer: Any, max_length: int, packing: str, assistant_only: bool = False,
-                 chat_template: str | None = None) -> TokenStats:
-    """Fail when nothing can be trained: every sample longer than maxLength (bfd/none truncate them)
-    or no token left to carry loss (prompts filling maxLength; no assistant turn at all)."""
+def check_tokens(tokenized: Any, max_length: int, packing: str, assistant_only: bool = False) -> TokenStats:
+    """Fail when nothing can be trained: every sample longer than maxLength (bfd/none truncate them),
+    no token left to carry loss (prompts filling maxLength), or, for assistant-only conversations,
+    a conversation without an assistant token (it would train nothing: fix or remove the row)."""
     samples = tokens = trainable = too_long = 0
     shortest, longest = 1 << 62, 0
-    for total, untrained in _lengths(ds, tokenizer, chat_template):
-        samples += 1
-        tokens += total
-        shortest, longest = min(shortest, total), max(longest, total)
-        if total > max_length:
-            too_long += 1
-        kept = total if packing == "wrapped" else min(total, max_length)
-        if not assistant_only and "messages" in ds.column_names:
-            untrained = 0
-        trainable += max(0, kept - untrained)
+    silent: list[int] = []
+    for batch in tokenized.iter(batch_size=10_000):
+        for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+            total = len(ids)
+            kept = labels if packing == "wrapped" else labels[:max_length]
+            if assistant_only and all(label == -100 for label in labels):
+                silent.append(samples)
+            samples += 1
+            tokens += total
+            shortest, longest = min(shortest, total), max(longest, total)
+            too_long += total > max_length
+            trainable += sum(label != -100 for label in kept)
+    if silent and len(silent) == samples:
+        raise InvalidDataset("the dataset has zero trainable tokens: no conversation has an assistant turn")
+    if silent:
+        rows = ", ".join(map(str, silent[:MAX_LISTED])) + (", ..." if len(silent) > MAX_LISTED else "")
+        raise InvalidDataset(
+            f"{len(silent)} of {samples} conversations have no assistant turn (training split rows {rows}): "
+            "the loss covers assistant turns only, so they would train nothing; add the replies or remove the rows")
     if trainable == 0:
-        what = ("no conversation has an assistant turn" if "messages" in ds.column_names
-                else f"every prompt fills training.maxLength={max_length} tokens, so no completion token is trained")
-        raise InvalidDataset(f"the dataset has zero trainable tokens: {what}")
+        raise InvalidDataset(f"the dataset has zero trainable tokens: every prompt fills training.maxLength="
+                             f"{max_length} tokens, so no completion token is trained")
     if packing != "wrapped" and samples and too_long == samples:
         raise InvalidDataset(
             f"all {samples} samples are longer than training.maxLength={max_length} tokens (shortest {shortest}): "

@@ -20,8 +20,9 @@ Steps, top-down in :func:`train`:
    success does no work. Otherwise check the output is writable before any heavy work.
 2. Data: load, check and format (:mod:`kubetune_trainer.data`). Bad data fails here, before any
    weights are downloaded or loaded.
-3. Tokenizer (only the tokenizer files are fetched), then the token-level checks: samples that
-   cannot fit ``maxLength``, zero trainable tokens.
+3. Tokenizer (only the tokenizer files are fetched); tokenize once, batched and spread over the
+   pod's CPUs, into TRL's pre-tokenized layout (``input_ids``/``labels``), then the token-level
+   checks on exactly those labels: samples that cannot fit ``maxLength``, zero trainable tokens.
 4. The base model (4-bit NF4 by default, :mod:`kubetune_trainer.modeling`), LoRA via peft.
 5. TRL ``SFTTrainer``: packing ``bfd`` (no attention across packed samples: position_ids restart
    at every sample, no attention mask) or ``wrapped`` (classic constant-length rows) or none.
@@ -75,12 +76,14 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     ctx.reporter.patch({"stage": f"loading dataset {spec.dataset.uri}"})
     splits = data.load_splits(spec.dataset, store, work, spec.training.seed)
 
-    # 3. Tokenizer, then the token-level checks.
+    # 3. Tokenizer; tokenize once (TRL trains on these labels as they are), then the token-level checks.
     tokenizer_path = modeling.resolve_model(spec.model, store, work, tokenizer_only=True)
     tokenizer = modeling.load_tokenizer(tokenizer_path, spec.model)
     assistant_only, chat_template = assistant_only_loss(spec.dataset, tokenizer)
-    stats = data.check_tokens(splits.train, tokenizer, spec.training.max_length, spec.training.packing,
-                              assistant_only=assistant_only, chat_template=chat_template)
+    ctx.reporter.patch({"stage": f"tokenizing {len(splits.train)} samples"})
+    train_set = data.tokenize(splits.train, tokenizer, assistant_only, chat_template)
+    eval_set = data.tokenize(splits.eval, tokenizer, assistant_only, chat_template) if splits.eval is not None else None
+    stats = data.check_tokens(train_set, spec.training.max_length, spec.training.packing, assistant_only)
 
     # 4. Base model + LoRA.
     ctx.reporter.patch({"stage": f"loading model {spec.model.display()}"})
@@ -99,11 +102,10 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     try:
         trainer = SFTTrainer(
             model=model,
-            args=sft_config(spec.training, work / "trainer", has_eval=splits.eval is not None,
-                            assistant_only=assistant_only, wandb=wandb_on, run_name=ctx.name,
-                            varlen_attention=model.config._attn_implementation.startswith("flash")),
-            train_dataset=splits.train,
-            eval_dataset=splits.eval,
+            args=sft_config(spec.training, work / "trainer", has_eval=eval_set is not None, wandb=wandb_on,
+                            run_name=ctx.name, varlen_attention=model.config._attn_implementation.startswith("flash")),
+            train_dataset=train_set,
+            eval_dataset=eval_set,
             processing_class=tokenizer,
             peft_config=modeling.lora_config(spec.lora),
             callbacks=[progress, uploader, preemption],
@@ -169,25 +171,32 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
 def assistant_only_loss(dataset: api.Dataset, tokenizer: Any) -> tuple[bool, str | None]:
     """For ``messages``: train on assistant turns only when the chat template can mark them
     (``{% generation %}``, natively or through TRL's training templates); else whole conversations.
-    Returns (assistant only?, the chat template used for counting tokens)."""
+    Returns (assistant only?, the chat template to tokenize with; None: the tokenizer's own)."""
     if dataset.format != "messages":
         return False, None
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        has_generation_markers,
+        is_chat_template_stop_token_trained,
+    )
 
     template = tokenizer.chat_template
     if template is None:
         from kubetune_trainer.runtime import InvalidDataset
 
         raise InvalidDataset("dataset.format is messages but the tokenizer has no chat template")
-    if has_generation_markers(template):
-        return True, None
-    try:
-        patched = get_training_chat_template(tokenizer)
-    except ValueError:
-        log.info("chat template without {%% generation %%} markers and no TRL training template for it: "
-                 "the loss covers whole conversations, not only assistant turns")
-        return False, template
-    log.info("assistant-only loss with TRL's training version of this chat template")
+    patched = None
+    if not has_generation_markers(template):
+        try:
+            patched = get_training_chat_template(tokenizer)
+        except ValueError:
+            log.info("chat template without {%% generation %%} markers and no TRL training template for it: "
+                     "the loss covers whole conversations, not only assistant turns")
+            return False, template
+        log.info("assistant-only loss with TRL's training version of this chat template")
+    if not is_chat_template_stop_token_trained(tokenizer, chat_template=patched):
+        log.warning("the chat template leaves the assistant's end-of-turn token out of the loss: "
+                    "the model may not learn to stop")
     return True, patched
 
 
@@ -210,9 +219,11 @@ def micro_batching(t: api.Training, varlen_attention: bool) -> tuple[int, int]:
     return t.batch_size, t.gradient_accumulation_steps
 
 
-def sft_config(t: api.Training, output_dir: Path, has_eval: bool, assistant_only: bool, wandb: bool,
-               run_name: str | None, varlen_attention: bool = False) -> Any:
-    """TRL SFTConfig from spec.training. bf16 only when asked and the GPU supports it."""
+def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, run_name: str | None,
+               varlen_attention: bool = False) -> Any:
+    """TRL SFTConfig from spec.training. bf16 only when asked and the GPU supports it. The datasets
+    come tokenized with their labels (:func:`data.tokenize`): TRL only packs them, in this process
+    (a fast batched pass; worker processes forked from one holding the model would cost more)."""
     from trl import SFTConfig
 
     cuda = modeling.use_cuda()
@@ -243,7 +254,6 @@ def sft_config(t: api.Training, output_dir: Path, has_eval: bool, assistant_only
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         max_length=t.max_length,
-        assistant_only_loss=assistant_only,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
