@@ -12,12 +12,14 @@ the tokenizer and the tiny model loaded before its clock starts; ``--repeats`` r
 * ``trl`` — the classic path: the raw split into ``SFTTrainer`` (TRL adds EOS, tokenizes one sample
   at a time, builds labels, packs), ``dataset_num_proc`` unset.
 * ``kubetune`` — what ``sft.train`` does: :func:`kubetune_trainer.data.tokenize` (TRL's tokenization,
-  batched, over ``data.dataset_workers`` processes), :func:`~kubetune_trainer.data.check_tokens` on
-  its labels, then ``SFTTrainer`` on the tokenized split (it only packs, in one process).
-* ``kubetune-1proc`` — the same in one process: what batching alone gives.
+  batched, in one process: the Rust tokenizer spreads each batch over the CPUs' threads),
+  :func:`~kubetune_trainer.data.check_tokens` on its labels, then ``SFTTrainer`` on the tokenized
+  split (it only packs).
+* ``kubetune-procs`` — the same with ``datasets.map`` over one worker process per CPU
+  (``tokenize(..., workers=N)``): what the trainer would gain from processes on top of the threads.
 
-Before this change, kubetune ran its own token check (a separate tokenization) and then the ``trl``
-path; docs/benchmarks.md records that figure from commit 407e2ea.
+The path before ``data.tokenize`` (commit 407e2ea) was ``trl`` plus a separate token check, a second
+tokenization of the split; docs/benchmarks.md records that check's time.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ for _path in (REPO / "bench", REPO / "hack", REPO / "trainer", REPO):
 import common  # noqa: E402
 
 FORMATS = ("text", "promptCompletion", "messages")
-VARIANTS = ("trl", "kubetune-1proc", "kubetune")
+VARIANTS = ("trl", "kubetune", "kubetune-procs")
 MAX_LENGTH = 2048
 
 
@@ -79,7 +81,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(localenv.tiny_model_dir(Path(cfg["cache"]) / "tiny"))
     split = make_split(cfg["format"], cfg["rows"])
     variant = cfg["variant"]
-    workers = (data.dataset_workers(len(split)) or 1) if variant == "kubetune" else 1
+    workers = len(os.sched_getaffinity(0)) if variant == "kubetune-procs" else 1
     config = sft.sft_config(api.Training(maxSteps=1, maxLength=MAX_LENGTH, packing="bfd"),
                             Path(tempfile.mkdtemp(prefix="kt-bench-data-")), False, False, None)
     timings: dict[str, float] = {}
@@ -100,7 +102,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     rows = trainer.train_dataset
     tokens = sum(len(ids) for ids in rows["input_ids"])
     return {"wall_s": wall, "timings": {k: round(v, 2) for k, v in timings.items()}, "workers": workers,
-            "packed_rows": len(rows), "tokens": tokens, "cpus": data.cpu_budget(),
+            "packed_rows": len(rows), "tokens": tokens, "cpus": len(os.sched_getaffinity(0)),
             "trainable_tokens": stats.trainable if variant != "trl" else None,
             "peak_rss_mib": common.peak_rss_mib()}
 

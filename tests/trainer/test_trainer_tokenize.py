@@ -74,11 +74,3 @@ def test_worker_processes_give_the_same_split(tokenizer: Any) -> None:
     one = data.tokenize(raw, tokenizer, workers=1)
     two = data.tokenize(raw, tokenizer, workers=2)
     assert one.to_dict() == two.to_dict()
-
-
-def test_workers_follow_rows_and_the_cpu_budget() -> None:
-    assert data.dataset_workers(500, cpus=16) is None  # small split: one process
-    assert data.dataset_workers(3 * data.ROWS_PER_WORKER, cpus=16) == 3
-    assert data.dataset_workers(10**6, cpus=8) == 8
-    assert data.dataset_workers(10**6, cpus=1) is None
-    assert 1 <= data.cpu_budget() <= (len(__import__("os").sched_getaffinity(0)))

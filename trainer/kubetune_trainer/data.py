@@ -445,26 +445,7 @@ def format_split(raw: RawSplit, spec: api.Dataset) -> Any:
 # Tokenization (once, batched) and the token-level checks
 # ----------------------------------------------------------------------------------------------
 
-ROWS_PER_WORKER = 2000  # below this a worker process costs more than it saves
 TOKENIZE_BATCH = 500
-
-
-def cpu_budget() -> int:
-    """CPUs this process may use: the cgroup's quota (a pod's ``limits.cpu``) when set, else its affinity."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
-
-
-def dataset_workers(rows: int, cpus: int | None = None) -> int | None:
-    """Processes for a ``datasets.map`` over ``rows`` rows (None: in this process)."""
-    workers = min(cpus or cpu_budget(), rows // ROWS_PER_WORKER)
-    return workers if workers > 1 else None
 
 
 def _labelled(ids: list[int], mask: list[int] | None) -> list[int]:
@@ -500,15 +481,16 @@ def _tokenize_batch(batch: dict[str, list[Any]], tokenizer: Any, assistant_only:
 
 
 def tokenize(ds: Any, tokenizer: Any, assistant_only: bool = False, chat_template: str | None = None,
-             workers: int | None = None) -> Any:
+             workers: int = 1) -> Any:
     """The split as TRL's pre-tokenized dataset: ``input_ids`` and ``labels`` (-100 where no loss).
 
     SFTTrainer uses such a dataset as it is (no second tokenization, no label pass) and only packs
-    it, so the check below counts exactly the tokens that are trained. Batched (the Rust tokenizer
-    works on a whole batch) and spread over ``workers`` processes (default: :func:`dataset_workers`)."""
-    processes = dataset_workers(len(ds)) if workers is None else workers if workers > 1 else None
-    return ds.map(_tokenize_batch, batched=True, batch_size=TOKENIZE_BATCH, num_proc=processes,
-                  remove_columns=ds.column_names, desc="Tokenizing" if processes else None,
+    it, so the check below counts exactly the tokens that are trained. Batched: the Rust tokenizer
+    encodes a whole batch on all the CPUs' threads, so one process is the default; ``workers``
+    processes measured slower (docs/benchmarks.md, Data preparation)."""
+    return ds.map(_tokenize_batch, batched=True, batch_size=TOKENIZE_BATCH,
+                  num_proc=workers if workers > 1 else None, remove_columns=ds.column_names,
+                  desc="Tokenizing" if workers > 1 else None,
                   fn_kwargs={"tokenizer": tokenizer, "assistant_only": assistant_only,
                              "chat_template": chat_template})
 

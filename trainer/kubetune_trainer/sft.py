@@ -20,8 +20,8 @@ Steps, top-down in :func:`train`:
    success does no work. Otherwise check the output is writable before any heavy work.
 2. Data: load, check and format (:mod:`kubetune_trainer.data`). Bad data fails here, before any
    weights are downloaded or loaded.
-3. Tokenizer (only the tokenizer files are fetched); tokenize once, batched and spread over the
-   pod's CPUs, into TRL's pre-tokenized layout (``input_ids``/``labels``), then the token-level
+3. Tokenizer (only the tokenizer files are fetched); tokenize once, batched (the Rust tokenizer
+   uses every CPU), into TRL's pre-tokenized layout (``input_ids``/``labels``), then the token-level
    checks on exactly those labels: samples that cannot fit ``maxLength``, zero trainable tokens.
 4. The base model (4-bit NF4 by default, :mod:`kubetune_trainer.modeling`), LoRA via peft.
 5. TRL ``SFTTrainer``: packing ``bfd`` (no attention across packed samples: position_ids restart
