@@ -47,11 +47,14 @@ cluster-up: install cluster-build ## start the local control plane in the backgr
 cluster-down: ## stop it
 	python3 hack/cluster.py down
 
-bench: install cluster-build ## benchmarks; results go to docs/benchmarks.md
-	$(PY) bench/trainer.py --write docs/benchmarks.md
-	$(PY) bench/data.py --write docs/benchmarks.md
-	$(PY) bench/merge.py --write docs/benchmarks.md
-	$(PY) bench/operator_scale.py --write docs/benchmarks.md
+bench: install cluster-build ## benchmarks (CPU tables, ~1 h); results go to docs/benchmarks.md and bench/results/
+	$(PY) bench/trainer.py --repeats 3 --per-config-s 480 --budget-s 2400 --json-out bench/results/trainer-cpu.json --write docs/benchmarks.md
+	$(PY) bench/data.py --json-out bench/results/data.json --write docs/benchmarks.md
+	$(PY) bench/merge.py --json-out bench/results/merge.json --write docs/benchmarks.md
+	$(PY) bench/operator_scale.py --counts 100,500,1000 --json-out bench/results/operator-burst.json
+	$(PY) bench/operator_scale.py --counts 100,500,1000 --rate 10 --json-out bench/results/operator-paced.json
+	$(PY) bench/operator_scale.py --counts 500,1000 --rate 20 --json-out bench/results/operator-paced-20.json
+	$(PY) bench/operator_scale.py --from-json bench/results/operator-burst.json --from-json bench/results/operator-paced.json --from-json bench/results/operator-paced-20.json --write docs/benchmarks.md
 
 e2e-kind: ## the same e2e suite on a kind cluster (needs Docker; not runnable on our build machines)
 	bash hack/e2e-kind.sh

@@ -65,12 +65,35 @@ def ftj_spec() -> dict[str, Any]:
     }
 
 
-def call(cluster: Any, method: str, path: str, body: Any = None, timeout: float = 120) -> tuple[int, Any]:
-    """One API call as admin with a generous timeout (the apiserver is slow on a busy machine)."""
-    import cluster as cluster_mod
+class Client(threading.local):
+    """The benchmark's API client, as admin: one kept-alive HTTPS connection per thread, like kubectl
+    and client-go. (A new TLS handshake with a client certificate per call would charge the apiserver
+    for the benchmark's own connections.)"""
 
-    status, text = cluster_mod._http(cluster.server + path, cluster.ssl_context(), method, body, timeout=timeout)
-    return status, (json.loads(text) if text and text.startswith("{") else text)
+    def __init__(self, cluster: Any, timeout: float = 120) -> None:
+        url = urllib.parse.urlparse(cluster.server)
+        self.host, self.port, self.timeout = url.hostname, url.port, timeout
+        self.context = cluster.ssl_context()
+        self.conn: http.client.HTTPSConnection | None = None
+
+    def __call__(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Accept": "application/json", **({"Content-Type": "application/json"} if data else {})}
+        for attempt in (1, 2):  # a kept-alive connection the server closed: reconnect once
+            if self.conn is None:
+                self.conn = http.client.HTTPSConnection(self.host, self.port, context=self.context,
+                                                        timeout=self.timeout)
+            try:
+                self.conn.request(method, path, body=data, headers=headers)
+                response = self.conn.getresponse()
+                text = response.read().decode(errors="replace")
+                break
+            except (http.client.RemoteDisconnected, ConnectionError, http.client.BadStatusLine):
+                self.conn.close()
+                self.conn = None
+                if attempt == 2:
+                    raise
+        return response.status, (json.loads(text) if text.startswith("{") else text)
 
 
 def request_counts(cluster: Any) -> Counter[tuple[str, str]]:
@@ -214,6 +237,7 @@ def one_round(cluster: Any, n: int, logs: Path, timeout: float, rate: float = 0.
         components_before = component_cpu(cluster)
         operator.peak_rss = 0
         spec = ftj_spec()
+        call = Client(cluster)
         created: dict[str, float] = {}
 
         def create(i: int) -> None:
@@ -221,7 +245,7 @@ def one_round(cluster: Any, n: int, logs: Path, timeout: float, rate: float = 0.
             if rate:  # paced: the i-th creation is due i/rate seconds after the start
                 time.sleep(max(0.0, started + i / rate - time.monotonic()))
             created[name] = time.monotonic()
-            status, body = call(cluster, "POST", f"{GROUP}/namespaces/{ns}/finetunejobs", {
+            status, body = call("POST", f"{GROUP}/namespaces/{ns}/finetunejobs", {
                 "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
                 "spec": spec})
             if status >= 300:
@@ -235,7 +259,7 @@ def one_round(cluster: Any, n: int, logs: Path, timeout: float, rate: float = 0.
         wait_until(lambda: all(job in watch.seen for job in job_names.values()), timeout)
 
         def all_have_status() -> float | None:
-            status, body = call(cluster, "GET", f"{GROUP}/namespaces/{ns}/finetunejobs")
+            status, body = call("GET", f"{GROUP}/namespaces/{ns}/finetunejobs")
             if status != 200:
                 return None
             items = body["items"]
