@@ -222,8 +222,7 @@ def micro_batching(t: api.Training, varlen_attention: bool) -> tuple[int, int]:
 def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, run_name: str | None,
                varlen_attention: bool = False) -> Any:
     """TRL SFTConfig from spec.training. bf16 only when asked and the GPU supports it. The datasets
-    come tokenized with their labels (:func:`data.tokenize`): TRL only packs them, in this process
-    (a fast batched pass; worker processes forked from one holding the model would cost more)."""
+    come tokenized with their labels (:func:`data.tokenize`): TRL only packs them, in this process."""
     from trl import SFTConfig
 
     cuda = modeling.use_cuda()
