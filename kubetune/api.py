@@ -145,6 +145,11 @@ class Storage(ApiModel):
     """Bucket addressing: path style works with MinIO and most S3-compatible servers."""
     secret_ref: StorageSecretRef | None = None
     """Secret holding the credentials. Credentials are only ever taken from a Secret, never inline."""
+    checksums: Literal["whenSupported", "whenRequired"] = "whenSupported"
+    """When the S3 client adds checksums to requests and validates them in responses: whenSupported
+    (the AWS SDK default, a CRC32 on every upload) or whenRequired (only where the operation requires
+    one). Use whenRequired for S3-compatible servers that reject the newer checksum headers, such as
+    older Ceph RGW and MinIO releases."""
 
 
 class Toleration(ApiModel):
@@ -257,6 +262,9 @@ class EvalSplit(ApiModel):
     """Name of an evaluation split of the dataset."""
     fraction: float | None = Field(default=None, gt=0, lt=1)
     """Fraction of the training split held out for evaluation (seeded)."""
+    max_samples: int | None = Field(default=1000, ge=1)
+    """At most this many evaluation samples (a seeded random subset), so evaluation measures without
+    dominating the run. Unset it (null) to evaluate on the whole split."""
 
     @model_validator(mode="after")
     def _exactly_one(self) -> EvalSplit:
@@ -298,7 +306,16 @@ class Dataset(ApiModel):
     completion_field: str = Field(default="completion", min_length=1)
     """Completion column of the promptCompletion format."""
     messages_field: str = Field(default="messages", min_length=1)
-    """Column of the messages format: a list of {role, content}."""
+    """Column of the messages format: a list of messages (or a JSON string of one), each with a role
+    (system, developer, user, assistant or tool) and content; tool_calls, name, tool_call_id and
+    reasoning_content/thinking are kept. An assistant message with tool_calls may have null content."""
+    tools_field: str = Field(default="tools", min_length=1)
+    """Column of the messages format with the tools offered in each conversation, used when present:
+    a list of JSON-schema function specs (or a JSON string of one), passed to the chat template."""
+    chat_template: str | None = Field(default=None, min_length=1, max_length=262144)
+    """Jinja chat template replacing the tokenizer's, for training (messages format) and in the saved
+    adapter's tokenizer. Mark assistant turns with {% generation %} ... {% endgeneration %} to train
+    on them only; without the markers the loss covers whole conversations."""
     secret_ref: TokenSecretRef | None = None
     """Secret with a token for hub:// (Deep Lake) or a private hub dataset."""
 
@@ -307,6 +324,16 @@ class Dataset(ApiModel):
         if self.format == "template" and self.template is None:
             raise ValueError("dataset.template is required when dataset.format is template")
         return self
+
+
+class Watchdog(ApiModel):
+    """Ends a run that cannot produce a useful result, keeping its last good checkpoint."""
+
+    divergence_factor: float = Field(default=5.0, gt=1)
+    """Diverged when a logged training loss exceeds this many times the first logged loss (a NaN or
+    infinite loss, or non-finite adapter weights at a checkpoint, always count)."""
+    stall_seconds: int = Field(default=1800, ge=5)
+    """Stalled when no training or evaluation step ends for this long (hung GPU, storage or collective)."""
 
 
 class Training(ApiModel):
@@ -345,9 +372,16 @@ class Training(ApiModel):
     """Micro-batches accumulated per optimizer step."""
     max_length: int = Field(default=1024, ge=8, le=262144)
     """Tokens per packed sequence (or truncation length without packing)."""
-    packing: Literal["none", "bfd", "wrapped"] = "bfd"
-    """bfd: best-fit packing, no attention across samples; wrapped: the classic constant-length
-    packing (samples attend to each other); none: one sample per row, padded."""
+    packing: Literal["none", "bfd", "bfd_split", "wrapped"] = "bfd"
+    """bfd: best-fit packing, no attention across samples, a sample longer than maxLength is
+    truncated; bfd_split: as bfd, but a longer sample is split into maxLength pieces packed on their
+    own (every token is trained; a piece does not see the one before it); wrapped: the classic
+    constant-length packing (samples attend to each other, nothing is cut); none: one sample per row,
+    padded, truncated at maxLength."""
+    max_truncated_fraction: float = Field(default=0.05, ge=0, le=1)
+    """Fail before training when more than this fraction of the training samples is longer than
+    maxLength and would be truncated (packing none or bfd); the error names the rows. 0 allows no
+    truncation; 1 accepts any. With bfd_split or wrapped nothing is truncated."""
     bf16: bool = True
     """Train in bfloat16 mixed precision where the hardware supports it."""
     gradient_checkpointing: bool = True
@@ -362,11 +396,14 @@ class Training(ApiModel):
     logging_steps: int = Field(default=10, ge=1)
     """Report loss and progress every this many steps."""
     eval_steps: int | None = Field(default=None, ge=1)
-    """Evaluate every this many steps (default: at loggingSteps granularity when eval data exists)."""
+    """Evaluate every this many steps when eval data exists (default: 5 evaluations a run, every 20%
+    of the steps). The run always ends with one evaluation."""
     save_steps: int = Field(default=100, ge=1)
     """Upload a checkpoint every this many steps; a retried pod resumes from the latest."""
     keep_checkpoints: int = Field(default=2, ge=1, le=100)
     """Number of checkpoints kept in storage."""
+    watchdog: Watchdog = Field(default_factory=lambda: Watchdog(), json_schema_extra=EMPTY_DEFAULT)
+    """Stop a run that diverged or stalled instead of burning GPU hours."""
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> Training:
@@ -476,6 +513,8 @@ class Progress(ApiModel):
     """Latest training loss."""
     eval_loss: float | None = None
     """Latest evaluation loss."""
+    eval_perplexity: float | None = None
+    """exp(evalLoss): perplexity on the evaluation samples."""
     learning_rate: float | None = None
     """Current learning rate."""
     tokens_per_second: float | None = None
@@ -528,6 +567,27 @@ class JobStatusBase(ApiModel):
     """What the pod reports it is doing now (e.g. `loading model`, `training`); written by the pod, not the operator."""
 
 
+class DataReport(ApiModel):
+    """What the trainer found in the data, reported before training starts."""
+
+    training_rows: int | None = Field(default=None, ge=0)
+    """Training samples after the row checks."""
+    eval_rows: int | None = Field(default=None, ge=0)
+    """Held-out samples (before dataset.eval.maxSamples)."""
+    eval_samples: int | None = Field(default=None, ge=0)
+    """Samples each evaluation runs on (after dataset.eval.maxSamples)."""
+    tokens: int | None = Field(default=None, ge=0)
+    """Tokens in all training samples."""
+    trainable_tokens: int | None = Field(default=None, ge=0)
+    """Tokens that carry loss, after truncation."""
+    samples_over_max_length: int | None = Field(default=None, ge=0)
+    """Samples longer than training.maxLength."""
+    truncated_samples: int | None = Field(default=None, ge=0)
+    """Samples cut at training.maxLength (bfd and none packing; bfd_split and wrapped keep every token)."""
+    truncated_tokens: int | None = Field(default=None, ge=0)
+    """Tokens lost to that truncation."""
+
+
 class FineTuneJobStatus(JobStatusBase):
     """Observed state of a FineTuneJob."""
 
@@ -535,6 +595,8 @@ class FineTuneJobStatus(JobStatusBase):
     """Base model (spec.model name or uri), shown by kubectl get."""
     progress: Progress | None = None
     """Live progress of the trainer."""
+    data: DataReport | None = None
+    """What the trainer found in the data (rows, tokens, truncation)."""
     checkpoint_uri: str | None = None
     """Latest complete checkpoint."""
     adapter_uri: str | None = None

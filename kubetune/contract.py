@@ -44,6 +44,9 @@ EXIT_STORAGE = 4
 EXIT_INVALID_ADAPTER = 5
 EXIT_VERIFICATION_FAILED = 6
 EXIT_PREEMPTED = 7  # stopped on SIGTERM after saving a checkpoint; a retry resumes
+EXIT_OUTPUT_CONFLICT = 8  # output.uri holds another run's result or checkpoints (another fingerprint)
+EXIT_DIVERGED = 9  # the loss became NaN/Inf or exploded: the watchdog stopped the run
+EXIT_STALLED = 10  # no training step for training.watchdog.stallSeconds: the watchdog stopped the run
 
 EXIT_REASONS = {
     EXIT_INVALID_SPEC: "InvalidSpec",
@@ -52,10 +55,13 @@ EXIT_REASONS = {
     EXIT_INVALID_ADAPTER: "InvalidAdapter",
     EXIT_VERIFICATION_FAILED: "VerificationFailed",
     EXIT_PREEMPTED: "Preempted",
+    EXIT_OUTPUT_CONFLICT: "OutputConflict",
+    EXIT_DIVERGED: "Diverged",
+    EXIT_STALLED: "Stalled",
 }
 # Failures that a retry cannot fix: the operator fails the job at once instead of retrying.
 PERMANENT_EXIT_CODES = (EXIT_INVALID_SPEC, EXIT_INVALID_DATASET, EXIT_INVALID_ADAPTER,
-                        EXIT_VERIFICATION_FAILED)
+                        EXIT_VERIFICATION_FAILED, EXIT_OUTPUT_CONFLICT, EXIT_DIVERGED, EXIT_STALLED)
 
 # The termination message (at most 4096 bytes, JSON): {"reason": str, "message": str, "result": {...}}
 # result for FineTuneJob: adapterUri, checkpointUri, reportUri, wandbUrl, progress{...}

@@ -94,7 +94,7 @@ def test_valid_variants_pass(path: str, value: Any) -> None:
         ("training", {}, "exactly one of maxSteps and epochs"),
         ("training", {"maxSteps": 10, "epochs": 1}, "not both"),
         ("training", {"maxSteps": 0}, "greater than 0"),
-        ("training", {"maxSteps": 1, "packing": "greedy"}, "'none', 'bfd' or 'wrapped'"),
+        ("training", {"maxSteps": 1, "packing": "greedy"}, "'none', 'bfd', 'bfd_split' or 'wrapped'"),
         ("training", {"maxSteps": 1, "learningRate": 0}, "greater than 0"),
         ("output", {"uri": "/local/path"}, "should match pattern"),
         ("output", {"uri": "gs://bucket/x"}, "should match pattern"),
