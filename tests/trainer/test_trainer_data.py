@@ -51,8 +51,32 @@ def test_messages_format_accepts_lists_and_json_strings(tmp_path: Path, dataset_
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     splits = load(dataset_spec(source="jsonl", uri=str(path), format="messages", messagesField="conv"),
                   store, tmp_path)
-    assert splits.train.column_names == ["messages"]
-    assert splits.train["messages"][3] == MESSAGES[3]
+    assert splits.train.column_names == ["messages"]  # each conversation a JSON string (data.conversation_columns)
+    assert json.loads(splits.train["messages"][3]) == MESSAGES[3]
+
+
+def test_template_rows_with_an_empty_answer_are_named(tmp_path: Path, dataset_spec: Any, store: Any) -> None:
+    rows = qa_rows(12)
+    for i in (2, 4, 5, 6, 8, 9, 11):
+        rows[i] = {**rows[i], "answer": "" if i % 2 else "  \n"}
+    spec = dataset_spec(source="jsonl", uri=str(write_jsonl(tmp_path / "qa.jsonl", rows)), format="template",
+                        template=TEMPLATE)
+    with pytest.raises(InvalidDataset) as err:
+        load(spec, store, tmp_path)
+    assert str(err.value) == (
+        "7 of 12 rows have an empty 'answer', the last field of dataset.template (what each row teaches), and "
+        "would train on the bare template: rows 2, 4, 5, 6, 8 (and 2 more); fill the 'answer' values or remove "
+        "these rows")
+
+
+def test_template_rows_with_an_empty_prompt_part_still_train(tmp_path: Path, dataset_spec: Any,
+                                                             store: Any) -> None:
+    """Alpaca's layout: ``input`` is empty in most rows; only the last field (the answer) must be filled."""
+    rows = [{"instruction": q, "input": "" if i % 3 else "context", "output": a} for i, (q, a) in enumerate(QA[:9])]
+    template = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
+    spec = dataset_spec(source="jsonl", uri=str(write_jsonl(tmp_path / "alpaca.jsonl", rows)), format="template",
+                        template=template)
+    assert load(spec, store, tmp_path).train["text"] == [template.format(**row) for row in rows]
 
 
 def test_empty_texts_are_dropped_not_trained(tmp_path: Path, dataset_spec: Any, store: Any) -> None:
@@ -173,8 +197,51 @@ def test_check_tokens_counts_trainable_tokens(tmp_path: Path, dataset_spec: Any,
     tokenized = data.tokenize(ds, tokenizer)
     full = data.check_tokens(tokenized, max_length=64, packing="bfd")
     assert full.trainable < full.tokens and full.too_long == 0
-    cut = data.check_tokens(tokenized, max_length=12, packing="bfd")  # prompts ~10 tokens: little left
+    cut = data.check_tokens(tokenized, max_length=12, packing="bfd", max_truncated_fraction=1)  # prompts ~10 tokens
     assert cut.too_long == 3 and 0 < cut.trainable < full.trainable
+    assert cut.trainable + cut.truncated_trainable == full.trainable  # what is not trained is what was cut
+
+
+def _tokenized(rows: list[tuple[int, int]]) -> Any:
+    """A tokenized split of (tokens, trailing trained tokens) rows: the rest of each row is prompt (-100)."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"input_ids": [list(range(1, n + 1)) for n, _ in rows],
+                                       "labels": [[-100] * (n - t) + list(range(n - t + 1, n + 1)) for n, t in rows]})
+
+
+@pytest.mark.parametrize("packing", ["bfd", "none"])
+def test_truncated_samples_and_tokens_are_counted(packing: str) -> None:
+    rows = [(10, 4)] * 18 + [(20, 4), (30, 25)]  # two of 20 samples over maxLength=16
+    stats = data.check_tokens(_tokenized(rows), max_length=16, packing=packing, max_truncated_fraction=0.1)
+    assert (stats.samples, stats.tokens, stats.too_long) == (20, 230, 2)
+    assert (stats.truncated_samples, stats.truncated_tokens, stats.truncated_trainable) == (2, 4 + 14, 4 + 14)
+    assert stats.trainable == 18 * 4 + 0 + 11  # the 20-token row loses all its 4 trained tokens
+
+
+@pytest.mark.parametrize("packing", ["wrapped", "bfd_split"])
+def test_packings_that_keep_every_token_truncate_nothing(packing: str) -> None:
+    rows = [(10, 4)] * 2 + [(40, 40)] * 8  # most samples over maxLength: fine, they are split
+    stats = data.check_tokens(_tokenized(rows), max_length=16, packing=packing, max_truncated_fraction=0)
+    assert (stats.too_long, stats.truncated_samples, stats.truncated_tokens) == (8, 0, 0)
+    assert stats.trainable == 2 * 4 + 8 * 40
+
+
+def test_truncating_more_than_the_threshold_fails_and_names_the_rows() -> None:
+    rows = [(10, 4)] * 90 + [(20, 20)] * 10  # 10% over maxLength=16
+    with pytest.raises(InvalidDataset) as err:
+        data.check_tokens(_tokenized([*rows[85:], *rows[:85]]), max_length=16, packing="bfd")  # default 5%
+    assert str(err.value) == (
+        "10 of 100 samples (10.0%) are longer than training.maxLength=16 tokens and would be truncated by packing "
+        "bfd, cutting 40 of 1100 tokens (40 of them trained; longest sample 20 tokens); training split rows 5, 6, 7, "
+        "8, 9 (and 5 more). That is more than training.maxTruncatedFraction=0.05: raise training.maxLength, shorten "
+        "the samples, or use training.packing bfd_split (splits long samples into maxLength pieces, keeping every "
+        "token); or raise training.maxTruncatedFraction to accept the loss")
+    assert data.check_tokens(_tokenized(rows), 16, "bfd", max_truncated_fraction=0.1).truncated_samples == 10
+    with pytest.raises(InvalidDataset, match="1 of 100 samples"):
+        data.check_tokens(_tokenized([(10, 4)] * 99 + [(17, 17)]), 16, "none", max_truncated_fraction=0)
+    everything = _tokenized([(20, 20)] * 3)
+    assert data.check_tokens(everything, 16, "bfd", max_truncated_fraction=1).truncated_samples == 3  # 1 accepts all
 
 
 def test_wrapped_packing_accepts_long_samples(tmp_path: Path, dataset_spec: Any, store: Any,

@@ -66,7 +66,11 @@ def test_tokenized_split_trains_exactly_what_trl_builds(fmt: str, assistant_only
     untrained = sum(label == -100 for row in expected for label in row["labels"])
     assert trained > 0 and (untrained > 0) == (fmt == "promptCompletion" or assistant_only)
     if packing == "none":  # check_tokens counts exactly the tokens TRL trains on
-        assert data.check_tokens(ours, MAX_LENGTH, packing, assistant_only).trainable == trained
+        stats = data.check_tokens(ours, MAX_LENGTH, packing, assistant_only, max_truncated_fraction=1)
+        assert stats.trainable == trained
+        untruncated = sum(label != -100 for row in ours for label in row["labels"])
+        assert stats.truncated_trainable == untruncated - trained  # exactly the trained tokens TRL cut off
+        assert stats.truncated_samples == sum(len(row["input_ids"]) > MAX_LENGTH for row in ours)
 
 
 def test_worker_processes_give_the_same_split(tokenizer: Any) -> None:
