@@ -83,6 +83,7 @@ def test_finetune_then_merge(system: System) -> None:
     assert isinstance(progress["loss"], float) and progress["loss"] > 0
     assert condition(ftj, "Succeeded")["status"] == "True" and condition(ftj, "Ready")["status"] == "True"
     assert st["attempts"] == 1
+    assert st["data"]["trainingRows"] > 0 and st["data"]["truncatedSamples"] == 0  # what the data held
     adapter = st["adapterUri"]
     assert adapter.startswith(f"s3://{BUCKET}/runs/{system.namespace}/{name}/")
     files = set(system.s3_keys(adapter))
@@ -119,6 +120,21 @@ def test_finetune_then_merge(system: System) -> None:
     assert {"config.json", "manifest.json", "tokenizer.json"} <= merged_files, merged_files
     assert any(f.endswith(".safetensors") for f in merged_files), merged_files
     assert printed_table(system, "mergejobs")[f"{name}-merge"]["PHASE"] == "Succeeded"
+
+    # Another job (another name, a dataset that does not exist) pointed at this job's output.uri: it
+    # used to end Succeeded in seconds with this job's adapter as its own. Now it fails at once, names
+    # the run that owns the output, trains nothing and leaves that result alone.
+    other = finetune(system, "same-output", dataset_uri=f"s3://{BUCKET}/no-such-data.jsonl")
+    other["spec"]["output"]["uri"] = f"s3://{BUCKET}/runs/{system.namespace}/{name}"
+    system.cluster.apply(other, namespace=system.namespace)
+    refused = wait_phase(system, FTJ, "same-output", "Failed", "Succeeded")
+    failed = condition(refused, "Failed")
+    assert failed["reason"] == "OutputConflict", f"{refused['status']}\n{system.diagnostics()}"
+    assert f"already holds the result of FineTuneJob {system.namespace}/{name}" in failed["message"]
+    assert "dataset.uri" in failed["message"]
+    assert refused["status"]["attempts"] == 1 and "adapterUri" not in refused["status"]
+    assert "progress" not in refused["status"]
+    assert system.s3_json(adapter.rstrip("/") + "/manifest.json") == manifest
 
 
 def test_bad_dataset_fails_without_retries(system: System) -> None:

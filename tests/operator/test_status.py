@@ -160,7 +160,8 @@ def test_merge_job_results(mj_body):
 
 
 @pytest.mark.parametrize(("code", "reason"), [(2, "InvalidSpec"), (3, "InvalidDataset"), (5, "InvalidAdapter"),
-                                              (6, "VerificationFailed")])
+                                              (6, "VerificationFailed"), (8, "OutputConflict"), (9, "Diverged"),
+                                              (10, "Stalled")])
 def test_permanent_exit_codes_map_to_reasons(ftj_body, code, reason):
     msg = term_msg(reason, f"column 'text' missing ({reason})")
     pod = pod_dict("demo-train-a", "Failed", terminated={"exitCode": code, "reason": "Error", "message": msg})

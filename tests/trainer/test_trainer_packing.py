@@ -30,7 +30,7 @@ def build_trainer(model_dir: Path, packing: str, tmp_path: Path, n: int = 24, ma
     trainer = SFTTrainer(model=model, args=sft.sft_config(training, tmp_path / "t", False, False, None),
                          train_dataset=tokenized, processing_class=tokenizer,
                          peft_config=modeling.lora_config(api.Lora(r=8, dropout=0.0)))
-    sft.keep_adapter_in_compute_dtype(trainer.model, api.Quantization())
+    sft.adapter_in_float32(trainer.model)
     trainer.model.eval()
     return trainer
 

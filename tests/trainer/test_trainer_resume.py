@@ -21,6 +21,7 @@ from kubetune import api
 pytestmark = pytest.mark.integration
 
 MAX_STEPS = 12
+RESUME_LOSS_TOLERANCE = 1e-4  # per-step loss, interrupted-and-resumed vs uninterrupted (CPU, float32)
 
 
 class Pod:
@@ -128,6 +129,23 @@ def test_sigterm_then_sigkill_then_resume_to_the_end(tiny_model_dir: Path, s3: A
     store.download_dir(final["uri"], state_dir)
     history = json.loads((state_dir / "trainer_state.json").read_text())["log_history"]
     assert [h["step"] for h in history if "loss" in h] == list(range(1, MAX_STEPS + 1))
+
+    # 4. The same spec run without interruption reaches the same losses, step by step: the resumes
+    #    restored adapter, optimizer, scheduler, RNG and data position (not only contiguous steps).
+    straight_dir = tmp_path / "straight"
+    straight_dir.mkdir()
+    straight = Pod(tmp_path, "pod-straight", make_spec(straight_dir, tiny_model_dir, f"{out}-straight", s3.endpoint),
+                   s3_env)
+    assert straight.wait() == 0, straight.output()[-3000:]
+    reference = store.get_json(f"{out}-straight/manifest.json")
+    store.download_dir(f"{out}-straight/checkpoints/step-{MAX_STEPS}", tmp_path / "straight-final")
+    expected = json.loads((tmp_path / "straight-final" / "trainer_state.json").read_text())["log_history"]
+    resumed_losses = [h["loss"] for h in history if "loss" in h]
+    straight_losses = [h["loss"] for h in expected if "loss" in h]
+    assert resumed_losses == pytest.approx(straight_losses, abs=RESUME_LOSS_TOLERANCE)
+    # the manifest's train loss covers the whole run, not only the last pod's steps
+    whole_run = pytest.approx(reference["metrics"]["trainLoss"], abs=RESUME_LOSS_TOLERANCE)
+    assert manifest["metrics"]["trainLoss"] == whole_run
     assert manifest["result"] == result
     # keepCheckpoints=2
     assert len({k.split("/")[0] for k in store.list(f"{out}/checkpoints") if "/" in k}) == 2

@@ -78,7 +78,8 @@ def test_qlora_bfd_from_s3_to_s3(tiny_model_dir: Path, s3: Any, s3_env: dict[str
     assert (progress["step"], progress["totalSteps"], progress["percent"]) == (20, 20, 100)
     assert progress["tokensPerSecond"] > 0 and progress["evalLoss"] > 0 and progress["eta"] == "0s"
     reported = [p["progress"] for p in reporter.patches if "progress" in p]
-    assert [p["step"] for p in reported][:3] == [1, 4, 8]  # logging_first_step, then every loggingSteps
+    steps = [p["step"] for p in reported]
+    assert steps[0] == 1 and steps[-1] == 20 and steps == sorted(steps)  # throttled: first, last, in order
     assert all(0 <= p["percent"] <= 100 and p["updatedAt"].endswith("Z") for p in reported)
     assert {"checkpointUri": f"{out}/checkpoints/step-8"} in reporter.patches
     # -- what the pod says it is doing goes to status.stage; status.message is the operator's
@@ -87,6 +88,9 @@ def test_qlora_bfd_from_s3_to_s3(tiny_model_dir: Path, s3: Any, s3_env: dict[str
         f"loading dataset s3://{prefix}/data/qa.jsonl", f"tokenizing {manifest['data']['trainingRows']} samples",
         f"loading model {model_uri}", "training from step 0", "uploading the adapter and report"]
     assert not [p for p in reporter.patches if "message" in p]
+    # what the data holds reaches the status before training starts, as the report has it
+    assert [p["data"] for p in reporter.patches if "data" in p] == [manifest["data"]]
+    assert manifest["data"]["evalSamples"] == manifest["data"]["evalRows"] == 4  # under dataset.eval.maxSamples
     # -- loss goes down
     assert manifest["metrics"]["finalLoss"] < manifest["metrics"]["firstLoss"]
     # -- checkpoints: keepCheckpoints=2 of steps 8, 16, 20; the pointer names the newest

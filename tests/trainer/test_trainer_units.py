@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -56,6 +57,7 @@ def test_progress_callback_reports_losses_and_prints() -> None:
     cb.on_log(None, state, TrainerControl(), logs={"loss": 2.5, "learning_rate": 1e-4, "num_tokens": 640.0})
     state.global_step = 10
     cb.on_log(None, state, TrainerControl(), logs={"eval_loss": 2.7})
+    assert cb.sender.flush()  # progress goes out from a background thread, throttled: wait for the newest
     progress = recorder.patches[-1]["progress"]
     assert progress["loss"] == 2.5 and progress["evalLoss"] == 2.7 and progress["learningRate"] == 1e-4
     assert progress["step"] == 10 and progress["percent"] == 50 and progress["tokensPerSecond"] > 0
@@ -116,10 +118,13 @@ def test_upload_prune_and_download_latest(tmp_path: Path) -> None:
     _fake_checkpoint(Path(out) / "checkpoints" / "step-8", 8)
     local, step = checkpoints.download_latest(store, out, tmp_path / "work")
     assert step == 6 and json.loads((local / "trainer_state.json").read_text()) == {"global_step": 6}
-    # a checkpoint that no longer matches its pointer is refused, not resumed from
+    # a checkpoint that no longer matches its pointer is never resumed from: the previous kept one is
     (Path(out) / "checkpoints" / "step-6" / "adapter_model.safetensors").write_bytes(b"corrupt")
-    with pytest.raises(StorageError, match="does not match its pointer"):
-        checkpoints.download_latest(store, out, tmp_path / "work")
+    local, step = checkpoints.download_latest(store, out, tmp_path / "work")
+    assert step == 4 and json.loads((local / "trainer_state.json").read_text()) == {"global_step": 4}
+    # ... and when none is intact, the run starts over (a correct result, later)
+    (Path(out) / "checkpoints" / "step-4" / "trainer_state.json").write_text("{}")
+    assert checkpoints.download_latest(store, out, tmp_path / "work") is None
     assert checkpoints.download_latest(store, str(tmp_path / "empty"), tmp_path / "work") is None
 
 
@@ -147,8 +152,14 @@ def test_report_files(tmp_path: Path) -> None:
     png = report.plot_loss(HISTORY, tmp_path / "loss.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     metrics = report.metrics_from(HISTORY, {"train_loss": 2.5, "train_runtime": 9.0})
-    assert metrics == {"firstLoss": 3.0, "finalLoss": 2.0, "finalEvalLoss": 2.4, "trainLoss": 2.5,
-                       "trainRuntimeSeconds": 9.0}
+    # trainLoss from the history, weighted by the steps each logged loss covers: (3.0 x 1 + 2.0 x 4) / 5
+    assert metrics == {"firstLoss": 3.0, "finalLoss": 2.0, "finalEvalLoss": 2.4, "trainLoss": pytest.approx(2.2),
+                       "finalEvalPerplexity": pytest.approx(math.exp(2.4)), "trainRuntimeSeconds": 9.0}
+    # after a resume, train()'s own figures cover one pod only: its runtime and throughput are left out
+    resumed = report.metrics_from(HISTORY, {"train_loss": 9.9, "train_runtime": 1.0, "train_samples_per_second": 7},
+                                  resumed=True)
+    assert resumed["trainLoss"] == pytest.approx(2.2)
+    assert "trainRuntimeSeconds" not in resumed and "samplesPerSecond" not in resumed
     spec = api.FineTuneJobSpec.model_validate(spec_doc({"name": "m"}, {"source": "jsonl", "uri": "d.jsonl"},
                                                        "s3://bkt/o"))
     text = report.render_report("job", spec, {"adapterUri": "s3://bkt/o/adapter", "progress": {"step": 5}},
@@ -163,12 +174,28 @@ def test_sft_config_on_cpu(tmp_path: Path) -> None:
     t = api.Training(maxSteps=10, packing="wrapped", evalSteps=None, loggingSteps=3)
     config = sft.sft_config(t, tmp_path, has_eval=True, wandb=False, run_name="x")
     assert (config.bf16, config.fp16, config.optim, config.max_steps) == (False, False, "adamw_torch", 10)
-    assert (config.packing, config.packing_strategy, config.eval_steps) == (True, "wrapped", 3)
+    # evaluation: 5 times a run by default (a fraction of the steps), not every logging step
+    assert (config.packing, config.packing_strategy, config.eval_steps) == (True, "wrapped", 0.2)
+    assert config.logging_nan_inf_filter is False  # a NaN step must show in the logged loss (the watchdog)
+    every7 = sft.sft_config(api.Training(maxSteps=10, evalSteps=7), tmp_path, has_eval=True, wandb=False, run_name=None)
+    assert every7.eval_steps == 7
     assert config.report_to == [] or config.report_to == "none" or config.report_to == ["none"]
     assert config.dataset_num_proc is None and config.assistant_only_loss is False  # data.tokenize did that work
     none = sft.sft_config(api.Training(epochs=2, packing="none"), tmp_path, False, True, None)
     assert (none.packing, none.num_train_epochs, none.eval_strategy, none.report_to) == (False, 2, "no", ["wandb"])
     assert sft.optimizer_name("paged_adamw_8bit") == "paged_adamw_8bit"
+
+
+@pytest.mark.parametrize("cuda,capability,expected", [
+    (False, None, (False, False)),     # CPU: float32
+    (True, (7, 5), (False, True)),     # T4: bf16 only emulated -> fp16 with a loss scaler
+    (True, (7, 0), (False, True)),     # V100
+    (True, (8, 0), (True, False)),     # A100
+    (True, (9, 0), (True, False)),     # H100
+])
+def test_mixed_precision_follows_native_bf16(cuda: bool, capability: Any, expected: tuple[bool, bool]) -> None:
+    assert modeling.mixed_precision(True, cuda, capability) == expected
+    assert modeling.mixed_precision(False, cuda, capability) == (False, False)  # training.bf16: false
 
 
 def test_quantization_and_lora_configs() -> None:

@@ -4,11 +4,17 @@ Layout under ``output.uri`` (see :mod:`kubetune.contract`)::
 
     checkpoints/step-40/...      the HF Trainer checkpoint folder: adapter, optimizer, scheduler,
                                  trainer_state.json, RNG states
-    checkpoints/latest.json      {"step": 40, "uri": ".../checkpoints/step-40", "files": {rel: sha256}}
+    checkpoints/step-40/checkpoint.json   the folder's own pointer (written after its files)
+    checkpoints/latest.json      {"step": 40, "uri": ".../checkpoints/step-40", "files": {rel: sha256},
+                                  "fingerprint": ..., "fingerprintInputs": {...}, "owner": {...}}
 
 The pointer is written LAST, only after every file of the folder is stored, so a pod killed in the
 middle of an upload leaves the previous pointer in place and a retry resumes from a complete
 checkpoint. Older folders beyond ``keepCheckpoints`` are deleted after the pointer moves.
+
+A run resumes only from checkpoints with its own fingerprint (:mod:`kubetune_trainer.fingerprint`).
+A checkpoint whose files no longer match their sha256 is skipped for the previous kept one; when
+none is intact the run starts over from step 0 (a correct result, later), and says so.
 
 SIGTERM (Kubernetes preemption, node drain, ``kubectl delete pod``) does not kill the run: the
 handler only raises a flag; the current step finishes, a checkpoint is saved and uploaded, and the
@@ -35,6 +41,7 @@ from kubetune_trainer.storage import Store, join, verify_files
 log = logging.getLogger("kubetune.checkpoints")
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+FOLDER_POINTER = "checkpoint.json"  # inside each checkpoint folder: what the fallback reads
 
 
 def checkpoints_uri(output_uri: str) -> str:
@@ -50,11 +57,14 @@ def latest_pointer(store: Store, output_uri: str) -> dict[str, Any] | None:
     return pointer
 
 
-def upload_checkpoint(store: Store, local: Path, output_uri: str, step: int) -> dict[str, Any]:
-    """Upload one checkpoint folder, then move the pointer to it (in that order)."""
+def upload_checkpoint(store: Store, local: Path, output_uri: str, step: int,
+                      stamp: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Upload one checkpoint folder, its own pointer, then move the latest pointer to it (in that
+    order). ``stamp``: the run's fingerprint, its inputs and owner."""
     uri = join(checkpoints_uri(output_uri), f"step-{step}")
     files = store.upload_dir(local, uri)
-    pointer = {"step": step, "uri": uri, "files": files}
+    pointer = {"step": step, "uri": uri, "files": files, **(stamp or {})}
+    store.put_json(join(uri, FOLDER_POINTER), pointer)
     store.put_json(join(output_uri, contract.LATEST_POINTER), pointer)
     log.info("checkpoint step %d stored at %s (%d files)", step, uri, len(files))
     return pointer
@@ -81,42 +91,83 @@ def prune(store: Store, output_uri: str, keep: int, current: int) -> list[int]:
     return doomed
 
 
-def download_latest(store: Store, output_uri: str, work_dir: Path) -> tuple[Path, int] | None:
-    """Fetch the newest complete checkpoint (checked against the pointer's sha256 list), or None."""
-    pointer = latest_pointer(store, output_uri)
-    if pointer is None:
+def download_latest(store: Store, output_uri: str, work_dir: Path, fingerprint: str | None = None
+                    ) -> tuple[Path, int] | None:
+    """Fetch the newest intact checkpoint of this run (files checked against their sha256), falling
+    back to older kept ones; None when there is none (the run starts at step 0).
+
+    ``fingerprint``: only checkpoints that carry it are candidates (the caller has already refused
+    a latest pointer of another run). A download that fails is a StorageError (a retry may work);
+    a checkpoint whose files differ is skipped."""
+    latest = latest_pointer(store, output_uri)
+    if latest is None:
         return None
-    step = int(pointer["step"])
-    local = work_dir / "resume" / f"checkpoint-{step}"
-    if local.exists():
-        shutil.rmtree(local)
-    store.download_dir(pointer["uri"], local)
-    bad = verify_files(local, pointer) if pointer.get("files") else []
-    if bad:
-        raise StorageError(f"checkpoint {pointer['uri']} does not match its pointer ({len(bad)} files differ, "
-                           f"e.g. {bad[0]}): refusing to resume from it")
-    log.info("resuming from step %d (%s)", step, pointer["uri"])
-    return local, step
+    candidates = [latest] + [p for p in older_pointers(store, output_uri, int(latest["step"]))
+                             if fingerprint is None or p.get("fingerprint") == fingerprint]
+    for pointer in candidates:
+        step = int(pointer["step"])
+        local = work_dir / "resume" / f"checkpoint-{step}"
+        if local.exists():
+            shutil.rmtree(local)
+        try:
+            store.download_dir(pointer["uri"], local)
+        except StorageError as err:
+            if store.list(pointer["uri"]):
+                raise  # storage is failing: a retry may get it
+            bad = [f"{err}"]
+        else:
+            bad = verify_files(local, pointer) if pointer.get("files") else []
+        if not bad:
+            log.info("resuming from step %d (%s)", step, pointer["uri"])
+            return local, step
+        log.warning("checkpoint %s is damaged (%d files differ, e.g. %s): trying the previous kept checkpoint",
+                    pointer["uri"], len(bad), bad[0])
+        shutil.rmtree(local, ignore_errors=True)
+    log.warning("no intact checkpoint of this run is left in %s: training starts over from step 0",
+                checkpoints_uri(output_uri))
+    return None
+
+
+def older_pointers(store: Store, output_uri: str, below: int) -> list[dict[str, Any]]:
+    """The folder pointers of the kept checkpoints older than step ``below``, newest first."""
+    out = []
+    for step in reversed(stored_steps(store, output_uri)):
+        if step >= below:
+            continue
+        pointer = store.get_json(join(checkpoints_uri(output_uri), f"step-{step}", FOLDER_POINTER))
+        if pointer is not None and {"step", "uri"} <= set(pointer):
+            out.append(pointer)
+    return out
 
 
 class CheckpointUploader(TrainerCallback):  # type: ignore[misc]
     """After each local save, upload the folder, move the pointer, prune, and report checkpointUri."""
 
-    def __init__(self, store: Store, output_uri: str, keep: int, reporter: StatusReporter):
+    def __init__(self, store: Store, output_uri: str, keep: int, reporter: StatusReporter,
+                 stamp: dict[str, Any] | None = None):
         self.store, self.output_uri, self.keep, self.reporter = store, output_uri, keep, reporter
+        self.stamp = stamp
         self.last: dict[str, Any] | None = None
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not local.is_dir() or (self.last and self.last["step"] == state.global_step):
             return
-        self.last = upload_checkpoint(self.store, local, self.output_uri, state.global_step)
+        self.last = upload_checkpoint(self.store, local, self.output_uri, state.global_step, self.stamp)
         prune(self.store, self.output_uri, self.keep, state.global_step)
         self.reporter.patch({"checkpointUri": self.last["uri"]})
 
 
+class EvalInterrupted(Exception):
+    """SIGTERM arrived during an evaluation: it is abandoned so the checkpoint fits the grace period."""
+
+
 class PreemptionHandler(TrainerCallback):  # type: ignore[misc]
-    """SIGTERM -> finish the step, save a checkpoint, stop training. Installed by the recipe."""
+    """SIGTERM -> finish the step, save a checkpoint, stop training. Installed by the recipe.
+
+    During an evaluation the next evaluation batch raises :class:`EvalInterrupted`; the recipe's
+    trainer (:func:`kubetune_trainer.sft.trainer_class`) drops that evaluation, so the save that
+    follows it in the same step starts at once instead of after the whole evaluation set."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -146,3 +197,9 @@ class PreemptionHandler(TrainerCallback):  # type: ignore[misc]
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.requested:
+            control.should_save = True  # the Trainer's own control: saved right after the abandoned evaluation
+            control.should_training_stop = True
+            raise EvalInterrupted(f"SIGTERM during the evaluation at step {state.global_step}")

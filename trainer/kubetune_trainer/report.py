@@ -59,16 +59,26 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str = "") ->
     return path
 
 
-def metrics_from(log_history: list[dict[str, Any]], train_metrics: dict[str, Any]) -> dict[str, Any]:
-    """Final metrics for the manifest and report (camelCase)."""
+def metrics_from(log_history: list[dict[str, Any]], train_metrics: dict[str, Any], resumed: bool = False
+                 ) -> dict[str, Any]:
+    """Final metrics for the manifest and report (camelCase), from the whole run's ``log_history``
+    (it spans every pod of a resumed run). ``trainLoss`` is the step-weighted mean of the logged
+    losses; ``trainer.train()``'s own figures count this pod's steps only, so after a resume its
+    runtime and throughput are left out rather than reported wrong."""
+    import math
+
     train, evaluation = loss_series(log_history)
     out: dict[str, Any] = {}
     if train:
         out["firstLoss"], out["finalLoss"] = train[0][1], train[-1][1]
+        spans = [step - before for (step, _), before in zip(train, [0] + [s for s, _ in train[:-1]], strict=True)]
+        out["trainLoss"] = sum(loss * n for (_, loss), n in zip(train, spans, strict=True)) / sum(spans)
     if evaluation:
         out["finalEvalLoss"] = evaluation[-1][1]
-    mapping = {"train_loss": "trainLoss", "train_runtime": "trainRuntimeSeconds",
-               "train_samples_per_second": "samplesPerSecond", "total_flos": "totalFlos"}
+        out["finalEvalPerplexity"] = math.exp(min(evaluation[-1][1], 700.0))
+    mapping = {"total_flos": "totalFlos"}
+    if not resumed:
+        mapping.update({"train_runtime": "trainRuntimeSeconds", "train_samples_per_second": "samplesPerSecond"})
     for key, name in mapping.items():
         if key in train_metrics:
             out[name] = train_metrics[key]

@@ -52,11 +52,13 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import api, contract
-from kubetune_trainer import checkpoints, data, modeling, report
+from kubetune_trainer import checkpoints, data, fingerprint, modeling, report, watchdog
 from kubetune_trainer.runtime import PodContext, Preempted
 from kubetune_trainer.storage import Store, join, read_manifest, write_manifest
 
 log = logging.getLogger("kubetune.sft")
+
+DEFAULT_EVAL_EVERY = 0.2  # a fraction of the total steps: 5 evaluations a run (plus the final one)
 
 
 def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -65,11 +67,19 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     store = Store.from_spec(spec.storage)
     work = ctx.work_dir
 
-    # 1. Idempotent: a complete run is never trained twice.
+    # 1. Bound to the spec: a complete run with this fingerprint is never trained twice; another
+    #    run's result or checkpoints at this output are refused, before any data or model moves.
+    inputs = fingerprint.run_inputs(spec, store)
+    stamp = {"fingerprint": fingerprint.of(inputs), "fingerprintInputs": inputs,
+             "owner": fingerprint.owner(ctx.name, ctx.namespace)}
     finished = read_manifest(store, out)
     if finished is not None:
+        fingerprint.check(finished, "the result", out, stamp["fingerprint"], inputs)
         log.info("%s is already complete (created %s): nothing to do", out, finished.get("createdAt"))
         return dict(finished.get("result") or {})
+    pointer = checkpoints.latest_pointer(store, out)
+    if pointer is not None:
+        fingerprint.check(pointer, "checkpoints", join(out, contract.CHECKPOINTS_DIR), stamp["fingerprint"], inputs)
     store.check_writable(out)
 
     # 2. Data: every row-level check, before any model file moves.
@@ -82,8 +92,18 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     assistant_only, chat_template = assistant_only_loss(spec.dataset, tokenizer)
     ctx.reporter.patch({"stage": f"tokenizing {len(splits.train)} samples"})
     train_set = data.tokenize(splits.train, tokenizer, assistant_only, chat_template)
-    eval_set = data.tokenize(splits.eval, tokenizer, assistant_only, chat_template) if splits.eval is not None else None
-    stats = data.check_tokens(train_set, spec.training.max_length, spec.training.packing, assistant_only)
+    eval_set = None
+    if splits.eval is not None:
+        eval_rows = eval_subset(splits.eval, spec.dataset.eval.max_samples if spec.dataset.eval else None,
+                                spec.training.seed)
+        eval_set = data.tokenize(eval_rows, tokenizer, assistant_only, chat_template)
+    stats = data.check_tokens(train_set, spec.training.max_length, spec.training.packing, assistant_only,
+                              max_truncated_fraction=spec.training.max_truncated_fraction)
+    data_stats = {"trainingRows": len(splits.train), "evalRows": len(splits.eval) if splits.eval is not None else 0,
+                  "evalSamples": len(eval_set) if eval_set is not None else 0,
+                  "tokens": stats.tokens, "trainableTokens": stats.trainable, "samplesOverMaxLength": stats.too_long,
+                  "truncatedSamples": stats.truncated_samples, "truncatedTokens": stats.truncated_tokens}
+    ctx.reporter.patch({"data": data_stats})
 
     # 4. Base model + LoRA.
     ctx.reporter.patch({"stage": f"loading model {spec.model.display()}"})
@@ -91,16 +111,19 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     model = modeling.load_model(model_path, spec.model, spec.quantization, spec.training.gradient_checkpointing)
 
     # 5. Trainer with its callbacks.
-    from trl import SFTTrainer
+    from transformers import set_seed
 
     from kubetune_trainer.callbacks import ProgressReporter
 
     wandb_on = setup_wandb(spec.tracking, ctx, work)
     progress = ProgressReporter(ctx.reporter, echo)
-    uploader = checkpoints.CheckpointUploader(store, out, spec.training.keep_checkpoints, ctx.reporter)
+    uploader = checkpoints.CheckpointUploader(store, out, spec.training.keep_checkpoints, ctx.reporter, stamp)
+    guard = watchdog.Watchdog(spec.training.watchdog, lambda: (uploader.last or pointer or {}).get("uri"),
+                              on_stall=lambda err: watchdog.exit_process(ctx.termination_log, err))
     preemption = checkpoints.PreemptionHandler().install()
     try:
-        trainer = SFTTrainer(
+        set_seed(spec.training.seed)  # TRL builds the LoRA adapter before Trainer seeds: seed its init too
+        trainer = trainer_class()(
             model=model,
             args=sft_config(spec.training, work / "trainer", has_eval=eval_set is not None, wandb=wandb_on,
                             run_name=ctx.name, varlen_attention=model.config._attn_implementation.startswith("flash")),
@@ -108,14 +131,14 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
             eval_dataset=eval_set,
             processing_class=tokenizer,
             peft_config=modeling.lora_config(spec.lora),
-            callbacks=[progress, uploader, preemption],
+            callbacks=[progress, guard, uploader, preemption],  # the watchdog checks before any upload
         )
         if chat_template is not None and not assistant_only:
             log.info("the chat template has no {%% generation %%} markers: training on whole conversations")
-        keep_adapter_in_compute_dtype(trainer.model, spec.quantization)
+        adapter_in_float32(trainer.model)
 
         # 6. Resume from storage, then train.
-        resume = checkpoints.download_latest(store, out, work)
+        resume = checkpoints.download_latest(store, out, work, stamp["fingerprint"])
         if preemption.requested:
             raise Preempted("SIGTERM before training started: nothing to save, a retry starts over")
         ctx.reporter.patch({"stage": f"training from step {resume[1] if resume else 0}"})
@@ -123,7 +146,11 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
         if preemption.requested:
             where = uploader.last["uri"] if uploader.last else "no checkpoint"
             raise Preempted(f"stopped on SIGTERM at step {trainer.state.global_step}; checkpoint {where}")
+        if eval_set is not None and not evaluated_at(trainer.state.log_history, trainer.state.global_step):
+            ctx.reporter.patch({"stage": "final evaluation"})
+            trainer.evaluate()  # the run always ends with an evaluation of the final adapter
     finally:
+        guard.stop()
         preemption.uninstall()
 
     # 7. Publish: files first, manifest last.
@@ -140,15 +167,14 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     if wandb_url:
         result["wandbUrl"] = wandb_url
     log_history = trainer.state.log_history
-    metrics = report.metrics_from(log_history, outcome.metrics)
-    data_stats = {"trainingRows": len(splits.train), "evalRows": len(splits.eval) if splits.eval is not None else 0,
-                  "tokens": stats.tokens, "trainableTokens": stats.trainable, "samplesOverMaxLength": stats.too_long}
+    metrics = report.metrics_from(log_history, outcome.metrics, resumed=resume is not None)
     versions = report.library_versions()
 
     results_dir = work / "result"
     shutil.rmtree(results_dir, ignore_errors=True)
     trainer.save_model(str(results_dir / contract.ADAPTER_DIR))  # PEFT adapter + tokenizer
-    files = publish_adapter(store, results_dir / contract.ADAPTER_DIR, out, spec)
+    name_the_base(results_dir / contract.ADAPTER_DIR, spec.model)
+    files = publish_adapter(store, results_dir / contract.ADAPTER_DIR, out, spec, stamp)
     (results_dir / "spec.json").write_text(json.dumps(spec.to_wire(), indent=2, sort_keys=True))
     report.plot_loss(log_history, results_dir / "loss.png", title=ctx.name or spec.model.display())
     (results_dir / contract.REPORT).write_text(
@@ -158,7 +184,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     if wandb_url and (work / "wandb").is_dir() and not wandb_url.startswith("http"):
         files.update({f"wandb/{rel}": sha for rel, sha in store.upload_dir(work / "wandb", join(out, "wandb")).items()})
     write_manifest(store, out, files, kind="FineTuneJob", name=ctx.name, spec=spec.to_wire(), result=result,
-                   metrics=metrics, data=data_stats, versions=versions)
+                   metrics=metrics, data=data_stats, versions=versions, **stamp)
     log.info("done: adapter at %s", result["adapterUri"])
     return result
 
@@ -171,7 +197,22 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
 def assistant_only_loss(dataset: api.Dataset, tokenizer: Any) -> tuple[bool, str | None]:
     """For ``messages``: train on assistant turns only when the chat template can mark them
     (``{% generation %}``, natively or through TRL's training templates); else whole conversations.
-    Returns (assistant only?, the chat template to tokenize with; None: the tokenizer's own)."""
+    Returns (assistant only?, the chat template to tokenize with; None: the tokenizer's own).
+
+    ``dataset.chatTemplate``, when set, first replaces the tokenizer's template (for every format:
+    the saved adapter's tokenizer carries it too); a template Jinja cannot parse is InvalidDataset."""
+    if dataset.chat_template is not None:
+        from jinja2 import TemplateSyntaxError
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        from kubetune_trainer.runtime import InvalidDataset
+
+        try:
+            _compile_jinja_template(dataset.chat_template)
+        except TemplateSyntaxError as err:
+            raise InvalidDataset(f"dataset.chatTemplate is not a valid Jinja template: {err.message} "
+                                 f"(line {err.lineno})") from err
+        tokenizer.chat_template = dataset.chat_template
     if dataset.format != "messages":
         return False, None
     from trl.chat_template_utils import (
@@ -210,11 +251,11 @@ def optimizer_name(wanted: str) -> str:
 def micro_batching(t: api.Training, varlen_attention: bool) -> tuple[int, int]:
     """(rows per micro-batch, accumulation steps) for spec.training's batchSize x gradientAccumulationSteps.
 
-    bfd packing is padding-free: TRL concatenates a micro-batch into ONE row. Without a varlen kernel
+    bfd (and bfd_split) packing is padding-free: TRL concatenates a micro-batch into ONE row. Without a varlen kernel
     (flash attention), sdpa then attends over a dense (rows x maxLength)^2 block mask: 4x the attention
     of 4 separate rows, 2.8x slower end to end on an H100 (docs/benchmarks.md). One packed row per
     micro-batch keeps every row at maxLength, with the same tokens (and loss) per optimizer step."""
-    if t.packing == "bfd" and not varlen_attention and t.batch_size > 1:
+    if t.packing in ("bfd", "bfd_split") and not varlen_attention and t.batch_size > 1:
         return 1, t.batch_size * t.gradient_accumulation_steps
     return t.batch_size, t.gradient_accumulation_steps
 
@@ -223,15 +264,15 @@ def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, r
                varlen_attention: bool = False) -> Any:
     """TRL SFTConfig from spec.training. bf16 only when asked and the GPU supports it. The datasets
     come tokenized with their labels (:func:`data.tokenize`): TRL only packs them, in this process."""
+    import torch
     from trl import SFTConfig
 
     cuda = modeling.use_cuda()
-    bf16 = t.bf16 and modeling.bf16_supported()
-    fp16 = t.bf16 and cuda and not bf16  # asked for mixed precision on a GPU without bf16
+    bf16, fp16 = modeling.mixed_precision(t.bf16, cuda, torch.cuda.get_device_capability() if cuda else None)
     micro_batch, accumulation = micro_batching(t, varlen_attention)
     packing_args: dict[str, Any] = {"packing": t.packing != "none"}
     if t.packing != "none":
-        packing_args["packing_strategy"] = t.packing
+        packing_args["packing_strategy"] = t.packing  # bfd, bfd_split and wrapped are TRL's own names
     return SFTConfig(
         output_dir=str(output_dir),
         run_name=run_name,
@@ -255,8 +296,9 @@ def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, r
         max_length=t.max_length,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN/Inf step shows in the logged loss (the watchdog reads it)
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=(t.eval_steps or t.logging_steps) if has_eval else None,
+        eval_steps=(t.eval_steps or DEFAULT_EVAL_EVERY) if has_eval else None,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=1,  # storage keeps keepCheckpoints; the pod's disk keeps one
@@ -267,26 +309,65 @@ def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, r
     )
 
 
-def keep_adapter_in_compute_dtype(model: Any, quant: api.Quantization) -> None:
-    """TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice on GPUs). On CPU
-    bf16 is emulated and slow, so there the trainable weights go back to the float32 compute dtype."""
+def adapter_in_float32(model: Any) -> None:
+    """The trainable (LoRA) weights are float32 on every device: TRL casts a quantized model's LoRA
+    weights to bf16, where small updates at QLoRA's learning rates round away; fp16 mixed precision's
+    loss scaler refuses fp16 weights outright; and CPUs have no fast bf16. The forward pass still
+    computes in the compute dtype under autocast; the adapter costs a few MB more (docs/trainer.md)."""
     import torch
 
-    dtype = modeling.compute_dtype(quant)
-    if modeling.use_cuda() or dtype != torch.float32:
-        return
     for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
 
 
-def publish_adapter(store: Store, local: Path, out: str, spec: api.FineTuneJobSpec) -> dict[str, str]:
+def trainer_class() -> Any:
+    """TRL's SFTTrainer, with an evaluation that a SIGTERM can cut short (the checkpoint that follows
+    must fit the pod's grace period; :class:`checkpoints.PreemptionHandler`)."""
+    from trl import SFTTrainer
+
+    class Trainer(SFTTrainer):  # type: ignore[misc]
+        def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+            try:
+                return super().evaluate(*args, **kwargs)  # type: ignore[no-any-return]
+            except checkpoints.EvalInterrupted as err:
+                log.warning("%s: evaluation abandoned, saving a checkpoint", err)
+                return {}
+
+    return Trainer
+
+
+def eval_subset(rows: Any, max_samples: int | None, seed: int) -> Any:
+    """At most ``max_samples`` evaluation rows, a seeded random subset (dataset.eval.maxSamples)."""
+    if max_samples is None or len(rows) <= max_samples:
+        return rows
+    log.info("evaluating on %d of %d evaluation rows (dataset.eval.maxSamples)", max_samples, len(rows))
+    return rows.shuffle(seed=seed).select(range(max_samples))
+
+
+def evaluated_at(log_history: list[dict[str, Any]], step: int) -> bool:
+    return any("eval_loss" in h and h.get("step") == step for h in log_history)
+
+
+def name_the_base(adapter_dir: Path, model: api.ModelSource) -> None:
+    """PEFT records the folder the base was loaded from (for ``model.uri``, a path inside the pod):
+    write the real base instead, as ``from_pretrained`` and the Hub expect (name, or the s3:// uri)."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = model.name or model.uri
+    if model.name and model.revision:
+        config["revision"] = model.revision
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def publish_adapter(store: Store, local: Path, out: str, spec: api.FineTuneJobSpec,
+                    stamp: dict[str, Any] | None = None) -> dict[str, str]:
     """Upload the adapter folder and its own manifest (what a MergeJob checks); returns the files
     for the run manifest, keyed under ``adapter/``."""
     adapter_uri = join(out, contract.ADAPTER_DIR)
     adapter_files = store.upload_dir(local, adapter_uri)
     write_manifest(store, adapter_uri, adapter_files, kind="adapter", spec=spec.to_wire(),
-                   baseModel=spec.model.to_wire())
+                   baseModel=spec.model.to_wire(), **(stamp or {}))
     files = {f"{contract.ADAPTER_DIR}/{rel}": sha for rel, sha in adapter_files.items()}
     stored = store.get_text(join(adapter_uri, contract.MANIFEST)) or ""
     files[f"{contract.ADAPTER_DIR}/{contract.MANIFEST}"] = hashlib.sha256(stored.encode()).hexdigest()
