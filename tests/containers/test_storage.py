@@ -89,7 +89,7 @@ def test_unreachable_endpoint_fails_after_retries(tmp_path: Path, s3_env: dict[s
 
 def test_server_stopped_mid_upload_never_leaves_a_manifest(tmp_path: Path, s3_factory, s3_env) -> None:  # type: ignore[no-untyped-def]
     server = s3_factory()
-    bucket = server.make_bucket("faults")
+    bucket = server.make_bucket("storage-faults")  # in-process moto servers share one backend: a bucket of its own
     store = storage.Store(endpoint=server.endpoint, max_attempts=2, workers=2)
     src = tmp_path / "src"
     for i in range(40):
@@ -111,8 +111,59 @@ def test_server_stopped_mid_upload_never_leaves_a_manifest(tmp_path: Path, s3_fa
         digests = store.upload_dir(src, f"{bucket}/run")
         storage.write_manifest(store, f"{bucket}/run", digests)
 
-    with pytest.raises(StorageError, match="cannot upload to s3://faults/run/f"):
+    with pytest.raises(StorageError, match="cannot upload to s3://storage-faults/run/f"):
         publish()
     assert uploaded.is_set()
     server.start()
     assert not store.exists(f"{bucket}/run/manifest.json")
+
+
+def capture_uploads(store: storage.Store) -> list[dict[str, str]]:
+    """The headers of every PUT the store's client sends from now on, as sent."""
+    sent: list[dict[str, str]] = []
+
+    def record(request, **_):  # type: ignore[no-untyped-def]
+        if request.method == "PUT":
+            sent.append({k.lower(): v for k, v in request.headers.items()})
+
+    store.client.meta.events.register("before-send.s3.*", record)
+    return sent
+
+
+def checksum_headers(headers: dict[str, str]) -> list[str]:
+    return sorted(k for k in headers if k.startswith(("x-amz-checksum-", "x-amz-sdk-checksum-algorithm"))
+                  or k == "x-amz-trailer")
+
+
+@pytest.mark.parametrize("checksums,expected", [("whenSupported", True), ("whenRequired", False)])
+def test_checksums_on_uploads_follow_the_spec(tmp_path: Path, bucket: str, s3, s3_env, checksums: str,  # type: ignore[no-untyped-def]
+                                              expected: bool) -> None:
+    """``whenRequired`` sends uploads without the checksum headers some S3-compatible servers reject;
+    the default (boto3's own) adds them. Observed on the requests the client actually sends."""
+    store = storage.Store.from_spec(api.Storage(endpoint=s3.endpoint, checksums=checksums))
+    uploads = capture_uploads(store)
+    (tmp_path / "small.txt").write_text("through s3transfer")
+    store.put_text(f"{bucket}/ck/put.txt", "through put_object")
+    store.upload_file(tmp_path / "small.txt", f"{bucket}/ck/file.txt")
+    assert len(uploads) == 2
+    for headers in uploads:
+        assert bool(checksum_headers(headers)) is expected, headers
+    assert store.get_text(f"{bucket}/ck/put.txt") == "through put_object"  # and the server stored both
+    assert store.get_text(f"{bucket}/ck/file.txt") == "through s3transfer"
+
+
+def test_checksums_default_and_values_in_the_api() -> None:
+    assert api.Storage().checksums == "whenSupported"
+    assert api.Storage.model_validate({"checksums": "whenRequired"}).checksums == "whenRequired"
+    with pytest.raises(ValueError, match="checksums"):
+        api.Storage.model_validate({"checksums": "never"})
+
+
+@pytest.mark.parametrize("workers", [None, 3])
+def test_connection_pool_holds_every_transfer_a_folder_opens(s3_env, workers: int | None) -> None:  # type: ignore[no-untyped-def]
+    """``upload_dir``/``download_dir`` run ``workers`` files at once, each in up to ``max_concurrency``
+    parts: the pool must hold all of those connections, or urllib3 discards and reopens them."""
+    store = storage.Store(endpoint="http://127.0.0.1:9", **({"workers": workers} if workers else {}))
+    at_once = store.workers * store._transfer_config().max_concurrency
+    assert store.client.meta.config.max_pool_connections >= at_once
+    assert store.client.meta.config.max_pool_connections <= at_once + storage.POOL_MARGIN

@@ -1,22 +1,31 @@
 """Live progress: a TrainerCallback that reports into the resource's ``status.progress``.
 
-Every ``loggingSteps`` (and at the end) it merge-patches ``{"progress": {...}}`` through the pod's
-:class:`~kubetune_trainer.runtime.StatusReporter` with step, totalSteps, percent, epoch, loss,
-evalLoss, learningRate, tokensPerSecond (non-pad tokens actually trained, counted by TRL), eta and
-updatedAt. The reporter never raises, so a broken channel never stops training. tqdm bars stay in
-the log; ``echo`` (``kubetune run``) also prints one line per report.
+Every ``loggingSteps`` (and at the end) it computes ``{"progress": {...}}`` with step, totalSteps,
+percent, epoch, loss, evalLoss, learningRate, tokensPerSecond (non-pad tokens actually trained,
+counted by TRL), eta and updatedAt, and hands it to a :class:`~kubetune_trainer.runtime.ProgressSender`
+that merge-patches it through the pod's :class:`~kubetune_trainer.runtime.StatusReporter` from a
+background thread: at most one patch every ``interval`` seconds (5 s), the newest progress winning,
+so training never waits on the API server, however slow, and ``loggingSteps: 1`` does not flood
+it. At the end of training (and for a final evaluation after it) the progress is sent at once and
+waited for (at most ``flush_timeout``, 10 s), so the last progress in the status is the final one. The channel never
+raises, so a broken one never stops training. tqdm bars stay in the log; ``echo`` (``kubetune
+run``) also prints one line per report, unthrottled.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 from transformers import TrainerCallback
 
-from kubetune_trainer.runtime import StatusReporter
+from kubetune_trainer.runtime import FLUSH_TIMEOUT_S, PROGRESS_INTERVAL_S, ProgressSender, StatusReporter
+
+log = logging.getLogger("kubetune")
 
 
 def format_duration(seconds: float) -> str:
@@ -53,10 +62,14 @@ def progress_fields(step: int, total: int, epoch: float | None, elapsed: float, 
 
 
 class ProgressReporter(TrainerCallback):  # type: ignore[misc]
-    """Reports progress every logging step and at the end; keeps the latest fields for the result."""
+    """Reports progress every logging step (throttled) and at the end (flushed); keeps the latest
+    fields for the result."""
 
-    def __init__(self, reporter: StatusReporter, echo: Callable[[str], None] | None = None):
-        self.reporter, self.echo = reporter, echo
+    def __init__(self, reporter: StatusReporter, echo: Callable[[str], None] | None = None, *,
+                 interval: float = PROGRESS_INTERVAL_S, flush_timeout: float = FLUSH_TIMEOUT_S):
+        self.reporter, self.echo, self.flush_timeout = reporter, echo, flush_timeout
+        self.sender = ProgressSender(reporter.patch, interval)
+        self.ended = False  # after training (a final evaluation) every report is flushed like the last one
         self.progress: dict[str, Any] = {}
         self.started = time.monotonic()
         self.start_step = 0
@@ -65,6 +78,7 @@ class ProgressReporter(TrainerCallback):  # type: ignore[misc]
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = time.monotonic()
         self.start_step = state.global_step
+        self.ended = False
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> None:
@@ -75,19 +89,21 @@ class ProgressReporter(TrainerCallback):  # type: ignore[misc]
             self.progress["loss"] = round(float(logs["loss"]), 5)
         if "eval_loss" in logs:
             self.progress["evalLoss"] = round(float(logs["eval_loss"]), 5)
+            self.progress["evalPerplexity"] = round(math.exp(min(float(logs["eval_loss"]), 700.0)), 4)
         if "learning_rate" in logs:
             self.progress["learningRate"] = float(logs["learning_rate"])
         if "loss" in logs or "eval_loss" in logs:
             self.report(state)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.ended = True
         self.report(state)
 
     def report(self, state: Any) -> None:
         elapsed = time.monotonic() - self.started
         self.progress.update(progress_fields(state.global_step, state.max_steps, state.epoch, elapsed,
                                              state.global_step - self.start_step, self.tokens))
-        self.reporter.patch({"progress": dict(self.progress)})
+        self.sender.submit({"progress": dict(self.progress)})  # returns at once: never waits on the network
         if self.echo:
             p = self.progress
             parts = [f"step {p['step']}/{p['totalSteps']} ({p['percent']}%)"]
@@ -97,3 +113,6 @@ class ProgressReporter(TrainerCallback):  # type: ignore[misc]
             if "eta" in p:
                 parts.append(f"eta {p['eta']}")
             self.echo("progress: " + ", ".join(parts))
+        if self.ended and not self.sender.flush(self.flush_timeout):
+            log.warning("the final progress did not reach the API server within %.0fs; it is sent when the "
+                        "request in flight ends", self.flush_timeout)

@@ -6,6 +6,14 @@ can write results to disk with the same code. Every failure that survives the re
 :class:`~kubetune_trainer.runtime.StorageError` naming the uri and the endpoint.
 
 ``manifest.json`` is always written last: its presence means a folder is complete.
+
+``spec.storage.checksums`` sets when boto3 adds checksums to requests and validates them in
+responses: ``whenSupported`` (boto3's default since 1.36, a CRC32 on every upload) or
+``whenRequired`` (only where S3 demands one), for S3-compatible servers that reject the newer
+checksum headers (older Ceph RGW and MinIO). The client's connection pool holds as many
+connections as a folder transfer opens at once: ``workers`` files, each in ``PART_CONCURRENCY``
+parts, plus a small margin; fewer makes urllib3 discard and reopen connections
+("Connection pool is full").
 """
 
 from __future__ import annotations
@@ -25,6 +33,14 @@ from kubetune import __version__, api, contract
 from kubetune_trainer.runtime import StorageError
 
 MB = 1024 * 1024
+WORKERS = 8
+"""Files transferred in parallel by ``upload_dir``/``download_dir``."""
+PART_CONCURRENCY = 4
+"""Parts of one multipart file transferred in parallel (s3transfer's ``max_concurrency``)."""
+POOL_MARGIN = 4
+"""Connections beyond what the transfers open, for single requests made meanwhile (put, list, head)."""
+CHECKSUMS = {"whenSupported": "when_supported", "whenRequired": "when_required"}
+"""``spec.storage.checksums`` -> botocore's ``request_checksum_calculation``/``response_checksum_validation``."""
 
 
 def is_s3(uri: str) -> bool:
@@ -69,10 +85,11 @@ class Store:
 
     def __init__(self, endpoint: str | None = None, region: str = "us-east-1", addressing_style: str = "path",
                  access_key: str | None = None, secret_key: str | None = None, max_attempts: int = 5,
-                 workers: int = 8):
-        self.endpoint, self.region, self.workers = endpoint, region, workers
+                 workers: int = WORKERS, checksums: str = "when_supported"):
+        self.endpoint, self.workers = endpoint, workers
         self._client_args = dict(endpoint=endpoint, region=region, addressing_style=addressing_style,
-                                 access_key=access_key, secret_key=secret_key, max_attempts=max_attempts)
+                                 access_key=access_key, secret_key=secret_key, max_attempts=max_attempts,
+                                 checksums=checksums)
         self._client: Any = None
 
     @classmethod
@@ -84,7 +101,14 @@ class Store:
             addressing_style=storage.addressing_style,
             access_key=env.get(contract.ENV_AWS_ACCESS_KEY_ID),
             secret_key=env.get(contract.ENV_AWS_SECRET_ACCESS_KEY),
+            checksums=CHECKSUMS[storage.checksums],
         )
+
+    @property
+    def pool_size(self) -> int:
+        """Connections a folder transfer opens at once (``workers`` files x ``PART_CONCURRENCY`` parts),
+        plus ``POOL_MARGIN``."""
+        return self.workers * PART_CONCURRENCY + POOL_MARGIN
 
     # -- boto3 ---------------------------------------------------------------------------------
     @property
@@ -105,7 +129,9 @@ class Store:
                     s3={"addressing_style": a["addressing_style"]},
                     connect_timeout=5,
                     read_timeout=60,
-                    max_pool_connections=max(10, self.workers * 2),
+                    max_pool_connections=self.pool_size,
+                    request_checksum_calculation=a["checksums"],
+                    response_checksum_validation=a["checksums"],
                 ),
             )
         return self._client
@@ -114,7 +140,7 @@ class Store:
         from boto3.s3.transfer import TransferConfig
 
         return TransferConfig(multipart_threshold=16 * MB, multipart_chunksize=16 * MB,
-                              max_concurrency=4, use_threads=True)
+                              max_concurrency=PART_CONCURRENCY, use_threads=True)
 
     def _fail(self, action: str, uri: str, err: BaseException) -> StorageError:
         where = f" at {self.endpoint}" if self.endpoint else ""
