@@ -43,6 +43,9 @@ def store_for(server: Any) -> Any:
                          secret_key=server.env["AWS_SECRET_ACCESS_KEY"])
 
 
+TRAINING_FINGERPRINT = "0f" * 32  # what the trainer's manifest carries (kubetune_trainer.fingerprint)
+
+
 def finetune_spec(base: dict[str, Any], lora: dict[str, Any] | None = None) -> dict[str, Any]:
     """The FineTuneJobSpec wire dict the trainer records in the adapter manifest."""
     from kubetune import api
@@ -84,7 +87,8 @@ def publish_adapter(server: Any, adapter_dir: Path, uri: str, model: dict[str, A
     store = store_for(server)
     files = store.upload_dir(adapter_dir, uri)
     if manifest:
-        storage.write_manifest(store, uri, files, kind="adapter", spec=finetune_spec(model, lora))
+        storage.write_manifest(store, uri, files, kind="adapter", spec=finetune_spec(model, lora),
+                               fingerprint=TRAINING_FINGERPRINT)
     return uri
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from kubetune_trainer import merge as merge_recipe
-from kubetune_trainer import storage
+from kubetune_trainer import merge_lora, storage
 from kubetune_trainer.runtime import InvalidAdapter, InvalidSpec, StorageError, VerificationFailed
 from merge_helpers import BUCKET, Adapter, build_adapter, publish_adapter, store_for
 
@@ -131,7 +131,7 @@ def test_broken_merge_is_caught_by_verification(
     wrong model, which the logit check must refuse to publish."""
     local = build_adapter(tied_base_dir, tmp_path / "adapter", seed=3, target_modules=["embed_tokens", "q_proj"])
     uri = publish_adapter(s3, local, f"s3://{BUCKET}/runs/broken/adapter", {"uri": tied_base_uri})
-    monkeypatch.setattr(merge_recipe, "untie_adapted_embeddings", lambda model: None)
+    monkeypatch.setattr(merge_lora, "untie_adapted_embeddings", lambda model: None)
     with pytest.raises(VerificationFailed, match=r"the saved merged model \(reloaded\) differs from base\+adapter "
                                                  r"by [0-9.e+-]+ in the logits \(tolerance 0\.000[0-9]+\): nothing "
                                                  r"was published"):
@@ -139,19 +139,22 @@ def test_broken_merge_is_caught_by_verification(
     assert store_for(s3).list(out_uri) == []
 
 
-def test_direct_merge_that_misses_a_layer_is_caught_by_verification(
+def test_merge_that_misses_a_layer_is_caught_by_verification(
     s3: Any, s3_env: dict[str, str], tiny_adapter: Adapter, merge_spec: Any, pod: Any, out_uri: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The check compares the published model with base+adapter computed unmerged (hooks), not with
-    the merge's own arithmetic: a merge that forgets one layer's update is refused."""
-    merge_into = merge_recipe.DirectLora.merge_into
+    """The check compares the published model with base+adapter computed unmerged, not with the
+    merge's own arithmetic: a merge that forgets one layer's update is refused."""
+    import torch
 
-    def forget_one(self: merge_recipe.DirectLora, model: Any) -> Any:
-        self.factors.pop(next(iter(self.factors)))
-        return merge_into(self, model)
+    merge = merge_lora.merge
 
-    monkeypatch.setattr(merge_recipe.DirectLora, "merge_into", forget_one)
+    def forget_one(peft_model: Any) -> Any:
+        with torch.no_grad():
+            next(p for n, p in peft_model.named_parameters() if "lora_B" in n).zero_()
+        return merge(peft_model)
+
+    monkeypatch.setattr(merge_lora, "merge", forget_one)
     with pytest.raises(VerificationFailed, match=r"the saved merged model \(reloaded\) differs from base\+adapter"):
         merge_recipe.merge(merge_spec(tiny_adapter.uri, out_uri), pod)
     assert store_for(s3).list(out_uri) == []

@@ -14,6 +14,7 @@ from kubetune_trainer import merge as merge_recipe
 from kubetune_trainer import storage
 from merge_helpers import (
     BUCKET,
+    TRAINING_FINGERPRINT,
     Adapter,
     assert_matches_base_plus_adapter,
     assert_published,
@@ -38,11 +39,17 @@ def test_merge_bfloat16_publishes_a_standalone_model_matching_base_plus_adapter(
 
     local = download(out_uri)
     manifest = assert_published(s3, out_uri, local, result)
-    assert manifest["dtype"] == "bfloat16" and manifest["mergeMethod"] == "direct"  # a plain LoRA: no PEFT
+    assert manifest["dtype"] == "bfloat16" and manifest["mergeMethod"] == "peft"
     assert manifest["adapterUri"] == tiny_adapter.uri and result["adapterUri"] == tiny_adapter.uri
     assert manifest["baseModel"]["uri"] == tiny_adapter.base_uri  # taken from the adapter's manifest
     assert [s["prompt"] for s in result["samples"]] == ["What is a Kubernetes Job?"]
     assert manifest["samples"] == result["samples"]
+    # the card says what the model was made from and how it was checked
+    card = (local / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card
+    for fact in (tiny_adapter.base_uri, tiny_adapter.uri, f"s3://{BUCKET}/data/train.jsonl", TRAINING_FINGERPRINT,
+                 "| verification | passed"):
+        assert fact in card, f"{fact!r} missing from the model card:\n{card}"
     assert_matches_base_plus_adapter(fresh_logits(local, "bfloat16"), tiny_adapter, "bfloat16", result)
 
 

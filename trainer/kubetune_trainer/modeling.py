@@ -8,6 +8,7 @@
 * :func:`load_tokenizer` sets a pad token when the model has none (and says which).
 * :func:`quantization_config` / :func:`lora_config` map the spec onto bitsandbytes / peft.
 * :func:`load_model` loads the base (4-bit NF4 by default) ready for k-bit training.
+* :func:`load_unquantized` loads a model in a plain dtype (the merge recipe's base and its reload).
 
 Heavy libraries (torch, transformers, peft) are imported inside the functions.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import api, contract
+from kubetune_trainer.runtime import InvalidSpec, StorageError
 from kubetune_trainer.storage import Store, join
 
 log = logging.getLogger("kubetune.modeling")
@@ -45,8 +47,6 @@ def download_model(store: Store, uri: str, dest: Path, tokenizer_only: bool = Fa
     there are kept, so the full download after a tokenizer-first one fetches only the rest."""
     rels = store.list(uri)
     if not rels:
-        from kubetune_trainer.runtime import StorageError
-
         raise StorageError(f"the model folder {uri} is empty or does not exist")
     if tokenizer_only:
         rels = [r for r in rels if is_tokenizer_file(r)]
@@ -77,12 +77,13 @@ def hub_kwargs(source: api.ModelSource) -> dict[str, Any]:
     return kwargs
 
 
-def load_tokenizer(path: str, source: api.ModelSource) -> Any:
-    """Load the tokenizer; when it has no pad token, use eos (or unk) and log the choice."""
+def load_tokenizer(path: str, source: api.ModelSource, pad: bool = True) -> Any:
+    """Load the tokenizer; when it has no pad token, use eos (or unk) and log the choice (unless
+    ``pad=False``: the merge publishes the tokenizer as it was)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs(source))
-    if tokenizer.pad_token is None:
+    if pad and tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
             tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
@@ -100,10 +101,21 @@ def use_cuda() -> bool:
 
 
 def bf16_supported() -> bool:
-    """bf16 is only worth it on a GPU that supports it (CPU bf16 without AMX is emulated and slow)."""
+    """Native bf16 only: a GPU of compute capability 8 or more (Ampere and later). torch's own
+    ``is_bf16_supported()`` also counts emulation (T4, V100), where bf16 is slow; CPUs emulate it too."""
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return mixed_precision(True, torch.cuda.is_available(),
+                           torch.cuda.get_device_capability() if torch.cuda.is_available() else None)[0]
+
+
+def mixed_precision(wanted: bool, cuda: bool, capability: tuple[int, int] | None) -> tuple[bool, bool]:
+    """(bf16, fp16) for ``training.bf16``: bf16 where the GPU has it natively (capability >= 8), else
+    fp16 with the Trainer's loss scaler on an older GPU; neither on CPU (float32)."""
+    if not wanted or not cuda or capability is None:
+        return False, False
+    native = capability[0] >= 8
+    return native, not native
 
 
 def compute_dtype(quant: api.Quantization) -> Any:
@@ -185,3 +197,26 @@ def load_model(path: str, source: api.ModelSource, quant: api.Quantization, grad
     log.info("loaded %s (%s, %d-bit, %s attention)", source.display(), dtype, quant.bits,
              model.config._attn_implementation)
     return model
+
+
+def load_unquantized(path: str, source: api.ModelSource, dtype: str) -> Any:
+    """A causal LM in ``dtype``, never quantized (what the merge recipe merges into and reloads), on the
+    GPU(s) when there are any. A model that cannot be loaded, or is saved quantized, is an InvalidSpec."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = hub_kwargs(source)
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise InvalidSpec(f"cannot load the base model {source.display()}: {err}") from err
+    if getattr(config, "quantization_config", None):
+        raise InvalidSpec(f"the base model {source.display()} is saved quantized; merge into the full-precision "
+                          "model")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), low_cpu_mem_usage=True,
+            device_map="auto" if use_cuda() else None, **kwargs,
+        ).eval()
+    except (OSError, ValueError) as err:
+        raise InvalidSpec(f"cannot load the base model {source.display()}: {err}") from err

@@ -7,6 +7,15 @@
   trainer can touch nothing else. The pod writes ``stage`` (what it is doing now), ``progress`` and
   its results there; ``message`` belongs to the operator. The reporter never raises: training goes
   on if it fails.
+* Two ways through the channel. ``stage``, ``checkpointUri`` and the final result are rare and go
+  out synchronously with :meth:`StatusReporter.patch` (each waits at most ``timeout``, 10 s, per
+  request). ``progress`` is frequent (every logging step) and goes through a
+  :class:`ProgressSender`: a background thread that sends at most one patch every ``interval``
+  seconds (5 s), always the newest pending progress (older ones are dropped, never queued), so
+  training never waits on the API server and a job writes to it at a bounded rate. ``flush``
+  sends what is pending at once and waits a bounded time: the trainer's callback calls it at the
+  end of training, so the last progress the API server sees is the final one. Requests never
+  overlap (one lock per reporter), so a late progress patch cannot land after a later one.
 * :func:`run_entry` maps failures to exit codes (:mod:`kubetune.contract`) and writes the
   termination message the operator reads when the pod ends, so results arrive without the channel.
 """
@@ -18,6 +27,7 @@ import logging
 import os
 import ssl
 import sys
+import threading
 import time
 import traceback
 import urllib.error
@@ -107,6 +117,7 @@ class StatusReporter:
         self.enabled = bool(server and token_file and kind in self.PLURALS and name and namespace)
         self._warned = False
         self.failures = 0
+        self._lock = threading.Lock()  # one request at a time: patches land in the order they were sent
 
     @classmethod
     def from_env(cls, env: Any = os.environ) -> StatusReporter:
@@ -132,9 +143,16 @@ class StatusReporter:
         return f"{self.server}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{plural}/{self.name}/status"
 
     def patch(self, status: dict[str, Any]) -> bool:
-        """Merge-patch a camelCase status fragment. Never raises; returns whether it landed."""
+        """Merge-patch a camelCase status fragment. Never raises; returns whether it landed.
+
+        Synchronous: it waits for the API server (at most ``timeout``, plus a request already in
+        flight from the :class:`ProgressSender`). Progress goes through a ``ProgressSender`` instead."""
         if not self.enabled:
             return False
+        with self._lock:
+            return self._send(status)
+
+    def _send(self, status: dict[str, Any]) -> bool:
         try:
             token = Path(self.token_file or "").read_text().strip()  # re-read: projected tokens rotate
             body = json.dumps({"status": bounded(status)}).encode()
@@ -155,6 +173,79 @@ class StatusReporter:
                             "through the termination message): %s %s", err, detail)
                 self._warned = True
             return False
+
+
+PROGRESS_INTERVAL_S = 5.0
+"""At most one progress patch per this many seconds per job."""
+FLUSH_TIMEOUT_S = 10.0
+"""How long the end of training waits for the final progress to reach the API server."""
+
+
+class ProgressSender:
+    """Sends status fragments from a background thread: throttled, coalesced, never blocking.
+
+    :meth:`submit` only stores the fragment and returns. A worker thread sends it with ``send``
+    (usually :meth:`StatusReporter.patch`) at once if the previous send started ``interval`` seconds
+    ago or more, otherwise when that interval is over. Whatever arrives meanwhile replaces the pending
+    fragment: the newest wins, nothing queues up. The worker ends when nothing is pending and is
+    started again by the next ``submit``, so an idle sender holds no thread.
+    """
+
+    def __init__(self, send: Callable[[dict[str, Any]], Any], interval: float = PROGRESS_INTERVAL_S):
+        self.send, self.interval = send, interval
+        self._cond = threading.Condition()
+        self._pending: dict[str, Any] | None = None
+        self._running = False  # a worker thread exists
+        self._busy = False  # ``send`` is running
+        self._urgent = 0  # flushes waiting: send now, regardless of the interval
+        self._last_start = float("-inf")
+
+    def submit(self, status: dict[str, Any]) -> None:
+        """Make ``status`` the next fragment to send; returns at once."""
+        with self._cond:
+            self._pending = status
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._work, name="kubetune-progress", daemon=True).start()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
+        """Send the pending fragment now and wait until it is sent, for at most ``timeout`` seconds.
+
+        Returns whether everything submitted so far has been handed over. On a timeout the pending
+        fragment stays pending and goes out as soon as the request in flight ends."""
+        with self._cond:
+            self._urgent += 1
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout)
+            finally:
+                self._urgent -= 1
+
+    close = flush  # nothing else to release: the worker ends by itself once nothing is pending
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._pending is None:
+                        self._running = False
+                        self._cond.notify_all()
+                        return
+                    wait = self._last_start + self.interval - time.monotonic()
+                    if wait <= 0 or self._urgent:
+                        break
+                    self._cond.wait(wait)
+                status, self._pending = self._pending, None
+                self._busy, self._last_start = True, time.monotonic()
+            try:
+                self.send(status)
+            except Exception as err:  # noqa: BLE001 - a broken channel must never kill the worker
+                log.warning("status channel failed: %s", err)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
 
 def bounded(status: dict[str, Any]) -> dict[str, Any]:
@@ -198,15 +289,43 @@ class PodContext:
         )
 
 
+def _json_size(doc: Any) -> int:
+    return len(json.dumps(doc, separators=(",", ":")).encode())
+
+
+# (prompt, output) character budgets per sample, tried in turn until the result fits
+SAMPLE_CUTS = ((400, 2000), (200, 600), (120, 300), (80, 160), (60, 60), (40, 0))
+
+
+def fit_result(result: dict[str, Any], budget: int) -> dict[str, Any]:
+    """``result`` with its ``samples`` shortened evenly (outputs first, then prompts, at last fewer
+    samples) until its compact JSON fits ``budget`` bytes; as is when it fits or has no samples.
+
+    Results that carry generations (the MergeJob's) must fit the 4096-byte termination message."""
+    samples = result.get("samples") or []
+    if _json_size(result) <= budget or not samples:
+        return result
+    for keep_prompt, keep_output in SAMPLE_CUTS:
+        short = [{"prompt": _cut(s.get("prompt", ""), keep_prompt), "output": _cut(s.get("output", ""), keep_output)}
+                 for s in samples]
+        if _json_size({**result, "samples": short}) <= budget:
+            return {**result, "samples": short}
+    return {**result, "samples": short[: max(1, len(short) // 4)]}
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: max(0, n - 1)] + "…"
+
+
 def write_termination_message(path: Path, reason: str, message: str, result: dict[str, Any]) -> None:
-    """Write the JSON the operator reads from the pod status; shortened to fit 4096 bytes."""
+    """Write the JSON the operator reads from the pod status; shortened to fit 4096 bytes (samples
+    first, with :func:`fit_result`; then only short string fields; then the message alone)."""
     doc: dict[str, Any] = {"reason": reason, "message": message, "result": result}
     text = json.dumps(doc, separators=(",", ":"))
     limit = contract.TERMINATION_MESSAGE_LIMIT
     if len(text.encode()) > limit and result.get("samples"):
-        doc["result"] = {**result, "samples": [
-            {"prompt": s.get("prompt", "")[:80], "output": s.get("output", "")[:160]} for s in result["samples"]
-        ]}
+        envelope = _json_size({**doc, "result": {}}) - 2  # everything but the result's own bytes
+        doc["result"] = fit_result(result, limit - envelope)
         text = json.dumps(doc, separators=(",", ":"))
     if len(text.encode()) > limit:
         doc = {"reason": reason, "message": message[:1500],
