@@ -136,7 +136,7 @@ def test_sigterm_sets_save_and_stop_on_the_next_step() -> None:
         state, control = TrainerState(), TrainerControl()
         state.global_step = 7
         handler.on_step_end(None, state, control)
-        assert control.should_save and control.should_training_stop and handler.step == 7
+        assert control.should_save and control.should_training_stop
     finally:
         handler.uninstall()
     assert signal.getsignal(signal.SIGTERM) is not handler._on_signal

@@ -171,7 +171,6 @@ class PreemptionHandler(TrainerCallback):  # type: ignore[misc]
 
     def __init__(self) -> None:
         self.requested = False
-        self.step: int | None = None
         self._previous: Any = None
 
     def install(self) -> PreemptionHandler:
@@ -193,7 +192,6 @@ class PreemptionHandler(TrainerCallback):  # type: ignore[misc]
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.requested:
-            self.step = state.global_step
             control.should_save = True
             control.should_training_stop = True
         return control
