@@ -336,6 +336,15 @@ class Watchdog(ApiModel):
     """Stalled when no training or evaluation step ends for this long (hung GPU, storage or collective)."""
 
 
+class EarlyStopping(ApiModel):
+    """Stop training when the evaluation loss stops improving."""
+
+    patience: int = Field(default=3, ge=1, le=1000)
+    """Evaluations in a row without improvement before training stops."""
+    min_delta: float = Field(default=0.0, ge=0)
+    """How much lower than the best so far an eval loss must be to count as an improvement."""
+
+
 class Training(ApiModel):
     """Optimisation settings (trl SFTConfig)."""
 
@@ -404,6 +413,12 @@ class Training(ApiModel):
     """Number of checkpoints kept in storage."""
     watchdog: Watchdog = Field(default_factory=lambda: Watchdog(), json_schema_extra=EMPTY_DEFAULT)
     """Stop a run that diverged or stalled instead of burning GPU hours."""
+    early_stopping: EarlyStopping | None = None
+    """Stop when the evaluation loss stops improving (needs dataset.eval)."""
+    keep_best: bool = False
+    """Publish the adapter of the best evaluation (the last one that improved the eval loss by more
+    than earlyStopping.minDelta) instead of the last step's, and never delete its checkpoint (needs
+    dataset.eval)."""
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> Training:
@@ -471,6 +486,18 @@ class MergeAfterTraining(ApiModel):
 class FineTuneJobSpec(JobControls):
     """A packed QLoRA supervised fine-tuning run."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!(has(self.training.earlyStopping) || (has(self.training.keepBest) && self.training.keepBest))"
+                    " || has(self.dataset.eval)",
+                    "training.earlyStopping and training.keepBest need evaluation data: set dataset.eval",
+                )
+            ]
+        }
+    )
+
     model: ModelSource
     """Base model."""
     quantization: Quantization = Field(default_factory=Quantization, json_schema_extra=EMPTY_DEFAULT)
@@ -496,6 +523,12 @@ class FineTuneJobSpec(JobControls):
     field that may change after creation."""
     merge: MergeAfterTraining | None = None
     """Merge the adapter into the base when training succeeds."""
+
+    @model_validator(mode="after")
+    def _best_needs_eval(self) -> FineTuneJobSpec:
+        if (self.training.early_stopping is not None or self.training.keep_best) and self.dataset.eval is None:
+            raise ValueError("training.earlyStopping and training.keepBest need evaluation data: set dataset.eval")
+        return self
 
 
 class Progress(ApiModel):

@@ -108,6 +108,14 @@ def test_valid_variants_pass(path: str, value: Any) -> None:
         ("backoffLimit", -1, "greater than or equal to 0"),
         ("queueName", "Team_A", "should match pattern"),
         ("unknownField", 1, "Extra inputs are not permitted"),
+        ("training", {"maxSteps": 5, "earlyStopping": {"patience": 2}},
+         "training.earlyStopping and training.keepBest need evaluation data: set dataset.eval"),
+        ("training", {"maxSteps": 5, "keepBest": True}, "need evaluation data"),
+        ("training", {"maxSteps": 5, "earlyStopping": {"patience": 0}}, "greater than or equal to 1"),
+        ("training", {"maxSteps": 5, "watchdog": {"stallSeconds": 1}}, "greater than or equal to 5"),
+        ("training", {"maxSteps": 5, "watchdog": {"divergenceFactor": 1}}, "greater than 1"),
+        ("dataset", {"source": "jsonl", "uri": "x", "eval": {"fraction": 0.1, "maxSamples": 0}},
+         "greater than or equal to 1"),
     ],
 )
 def test_invalid_variants_fail_with_a_clear_message(path: str, value: Any, message: str) -> None:

@@ -75,6 +75,10 @@ def test_crds_are_accepted_and_apply_defaults(kubectl: Kubectl) -> None:
         ("output", {"uri": "/tmp/out"}, "spec.output.uri: Invalid value"),
         ("storage", {"accessKeyId": "AKIA", "secretAccessKey": "x"}, 'unknown field "spec.storage.accessKeyId"'),
         ("tracking", {"wandb": {"project": "p"}}, "tracking.wandb.secretRef (the API key) is required"),
+        ("training", {"maxSteps": 5, "earlyStopping": {"patience": 2}},
+         "training.earlyStopping and training.keepBest need evaluation data: set dataset.eval"),
+        ("training", {"maxSteps": 5, "keepBest": True},
+         "training.earlyStopping and training.keepBest need evaluation data: set dataset.eval"),
     ],
 )
 def test_bad_manifests_are_rejected_with_a_clear_message(kubectl: Kubectl, path: str, value: Any,

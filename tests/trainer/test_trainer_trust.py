@@ -33,14 +33,17 @@ def put_rows(s3: Any, uri: str, rows: list[dict[str, Any]]) -> str:
     return uri
 
 
-def make_spec(model: dict[str, Any], data_uri: str, out: str, endpoint: str | None, **training: Any
-              ) -> api.FineTuneJobSpec:
+def make_spec(model: dict[str, Any], data_uri: str, out: str, endpoint: str | None,
+              evaluation: dict[str, Any] | None = None, **training: Any) -> api.FineTuneJobSpec:
     dataset = {"source": "jsonl", "uri": data_uri, "format": "template", "template": TEMPLATE}
+    if evaluation:
+        dataset["eval"] = evaluation
     return api.FineTuneJobSpec.model_validate(spec_doc(model, dataset, out, endpoint, **training))
 
 
-def local_spec(model_dir: Path, data: Path, out: Path, **training: Any) -> api.FineTuneJobSpec:
-    spec = make_spec({"name": str(model_dir)}, str(data), "s3://unused/x", None, **training)
+def local_spec(model_dir: Path, data: Path, out: Path, evaluation: dict[str, Any] | None = None,
+               **training: Any) -> api.FineTuneJobSpec:
+    spec = make_spec({"name": str(model_dir)}, str(data), "s3://unused/x", None, evaluation, **training)
     return spec.model_copy(update={"output": api.S3Output.model_construct(uri=str(out))})
 
 
@@ -173,9 +176,8 @@ def test_one_seed_gives_bit_equal_adapters(tiny_model_dir: Path, tmp_path: Path)
 def test_evaluation_cadence_cap_and_final_evaluation(tiny_model_dir: Path, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(40))
-    spec = local_spec(tiny_model_dir, data, tmp_path / "default", maxSteps=10, loggingSteps=1)
-    spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(
-        update={"eval": api.EvalSplit(fraction=0.5, maxSamples=3)})})
+    spec = local_spec(tiny_model_dir, data, tmp_path / "default", evaluation={"fraction": 0.5, "maxSamples": 3},
+                      maxSteps=10, loggingSteps=1)
     with caplog.at_level(logging.INFO, logger="kubetune"):
         result = sft.train(spec, make_pod(tmp_path / "w1"))
     assert "evaluating on 3 of 20 evaluation rows" in caplog.text
@@ -195,6 +197,37 @@ def test_evaluation_cadence_cap_and_final_evaluation(tiny_model_dir: Path, tmp_p
     assert "| 10 |" in report and "finalEvalPerplexity" in report
     rows = [line for line in report.splitlines() if line.startswith(("| 4 |", "| 8 |", "| 10 |"))]
     assert len(rows) == 3 and all(line.split("|")[3].strip() for line in rows), rows  # eval at 4, 8 and 10
+
+
+def test_best_of_follows_min_delta() -> None:
+    history = [{"eval_loss": 3.0, "step": 2}, {"loss": 1.0, "step": 3}, {"eval_loss": 2.5, "step": 4},
+               {"eval_loss": 2.6, "step": 6}, {"eval_loss": 2.45, "step": 8}]
+    assert checkpoints.best_of(history) == (8, 2.45, 0)
+    assert checkpoints.best_of(history, min_delta=0.1) == (4, 2.5, 2)  # 2.45 is not 0.1 better than 2.5
+    assert checkpoints.best_of([{"loss": 1.0, "step": 1}]) == (None, None, 0)
+
+
+def test_early_stopping_and_keep_best(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """minDelta 100: no evaluation after the first improves, so patience 2 stops at the third
+    evaluation; keepBest publishes the first evaluation's adapter and keeps its checkpoint, although
+    keepCheckpoints is 1."""
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(40))
+    spec = local_spec(tiny_model_dir, data, tmp_path / "out", maxSteps=20, evalSteps=2, saveSteps=100,
+                      keepCheckpoints=1, loggingSteps=1, earlyStopping={"patience": 2, "minDelta": 100.0},
+                      keepBest=True, evaluation={"fraction": 0.25})
+    result = sft.train(spec, make_pod(tmp_path / "w"))
+    assert result["progress"]["step"] == 6  # evaluations at 2 (best), 4, 6: two without improvement
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["metrics"]["bestStep"], manifest["metrics"]["stoppedEarly"]) == (2, True)
+    assert checkpoints.stored_steps(Store(), str(tmp_path / "out")) == [2, 6]  # the best is never pruned
+    import torch
+    from safetensors.torch import load_file
+
+    published = adapter_tensors(tmp_path / "out")
+    best = load_file(str(tmp_path / "out" / "checkpoints" / "step-2" / "adapter_model.safetensors"))
+    last = load_file(str(tmp_path / "out" / "checkpoints" / "step-6" / "adapter_model.safetensors"))
+    assert all(torch.equal(published[k], best[k]) for k in published)
+    assert any(not torch.equal(published[k], last[k]) for k in published)
 
 
 def test_sigterm_during_evaluation_abandons_it_and_saves(tiny_model_dir: Path, tmp_path: Path) -> None:

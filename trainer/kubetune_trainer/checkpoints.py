@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -80,9 +81,10 @@ def stored_steps(store: Store, output_uri: str) -> list[int]:
     return sorted(steps)
 
 
-def prune(store: Store, output_uri: str, keep: int, current: int) -> list[int]:
-    """Delete the oldest checkpoint folders beyond ``keep``; never the one the pointer names."""
-    steps = [s for s in stored_steps(store, output_uri) if s != current]
+def prune(store: Store, output_uri: str, keep: int, current: int, protect: int | None = None) -> list[int]:
+    """Delete the oldest checkpoint folders beyond ``keep``; never the one the pointer names, nor
+    ``protect`` (the best checkpoint, with training.keepBest)."""
+    steps = [s for s in stored_steps(store, output_uri) if s not in (current, protect)]
     doomed = steps[: max(0, len(steps) - (keep - 1))]
     for step in doomed:
         store.delete(join(checkpoints_uri(output_uri), f"step-{step}"))
@@ -105,27 +107,39 @@ def download_latest(store: Store, output_uri: str, work_dir: Path, fingerprint: 
     candidates = [latest] + [p for p in older_pointers(store, output_uri, int(latest["step"]))
                              if fingerprint is None or p.get("fingerprint") == fingerprint]
     for pointer in candidates:
-        step = int(pointer["step"])
-        local = work_dir / "resume" / f"checkpoint-{step}"
-        if local.exists():
-            shutil.rmtree(local)
-        try:
-            store.download_dir(pointer["uri"], local)
-        except StorageError as err:
-            if store.list(pointer["uri"]):
-                raise  # storage is failing: a retry may get it
-            bad = [f"{err}"]
-        else:
-            bad = verify_files(local, pointer) if pointer.get("files") else []
-        if not bad:
-            log.info("resuming from step %d (%s)", step, pointer["uri"])
-            return local, step
-        log.warning("checkpoint %s is damaged (%d files differ, e.g. %s): trying the previous kept checkpoint",
-                    pointer["uri"], len(bad), bad[0])
-        shutil.rmtree(local, ignore_errors=True)
+        local = fetch(store, pointer, work_dir / "resume")
+        if local is not None:
+            log.info("resuming from step %d (%s)", pointer["step"], pointer["uri"])
+            return local, int(pointer["step"])
     log.warning("no intact checkpoint of this run is left in %s: training starts over from step 0",
                 checkpoints_uri(output_uri))
     return None
+
+
+def fetch(store: Store, pointer: dict[str, Any], into: Path) -> Path | None:
+    """Download the checkpoint a pointer names into ``into/checkpoint-<step>`` and check every file
+    against its sha256; None (with a warning) when it is damaged. A failing storage raises."""
+    local = into / f"checkpoint-{int(pointer['step'])}"
+    if local.exists():
+        shutil.rmtree(local)
+    try:
+        store.download_dir(pointer["uri"], local)
+    except StorageError as err:
+        if store.list(pointer["uri"]):
+            raise  # storage is failing: a retry may get it
+        bad = [f"{err}"]
+    else:
+        bad = verify_files(local, pointer) if pointer.get("files") else []
+    if not bad:
+        return local
+    log.warning("checkpoint %s is damaged (%d files differ, e.g. %s): trying the previous kept checkpoint",
+                pointer["uri"], len(bad), bad[0])
+    shutil.rmtree(local, ignore_errors=True)
+    return None
+
+
+def folder_pointer(store: Store, output_uri: str, step: int) -> dict[str, Any] | None:
+    return store.get_json(join(checkpoints_uri(output_uri), f"step-{step}", FOLDER_POINTER))
 
 
 def older_pointers(store: Store, output_uri: str, below: int) -> list[dict[str, Any]]:
@@ -134,7 +148,7 @@ def older_pointers(store: Store, output_uri: str, below: int) -> list[dict[str, 
     for step in reversed(stored_steps(store, output_uri)):
         if step >= below:
             continue
-        pointer = store.get_json(join(checkpoints_uri(output_uri), f"step-{step}", FOLDER_POINTER))
+        pointer = folder_pointer(store, output_uri, step)
         if pointer is not None and {"step", "uri"} <= set(pointer):
             out.append(pointer)
     return out
@@ -144,9 +158,9 @@ class CheckpointUploader(TrainerCallback):  # type: ignore[misc]
     """After each local save, upload the folder, move the pointer, prune, and report checkpointUri."""
 
     def __init__(self, store: Store, output_uri: str, keep: int, reporter: StatusReporter,
-                 stamp: dict[str, Any] | None = None):
+                 stamp: dict[str, Any] | None = None, protect: Callable[[], int | None] | None = None):
         self.store, self.output_uri, self.keep, self.reporter = store, output_uri, keep, reporter
-        self.stamp = stamp
+        self.stamp, self.protect = stamp, protect
         self.last: dict[str, Any] | None = None
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -154,8 +168,51 @@ class CheckpointUploader(TrainerCallback):  # type: ignore[misc]
         if not local.is_dir() or (self.last and self.last["step"] == state.global_step):
             return
         self.last = upload_checkpoint(self.store, local, self.output_uri, state.global_step, self.stamp)
-        prune(self.store, self.output_uri, self.keep, state.global_step)
+        prune(self.store, self.output_uri, self.keep, state.global_step, self.protect() if self.protect else None)
         self.reporter.patch({"checkpointUri": self.last["uri"]})
+
+
+def best_of(log_history: list[dict[str, Any]], min_delta: float = 0.0) -> tuple[int | None, float | None, int]:
+    """(best step, its eval loss, evaluations since) over a run's logged evaluations: an evaluation
+    improves when its loss is below the best so far by more than ``min_delta``. Derived from the
+    history each time, so a resumed run (whose history spans every pod) agrees with an uninterrupted one."""
+    best_step, best_loss, since = None, None, 0
+    for entry in log_history:
+        if "eval_loss" not in entry:
+            continue
+        loss = float(entry["eval_loss"])
+        if best_loss is None or loss < best_loss - min_delta:
+            best_step, best_loss, since = int(entry["step"]), loss, 0
+        else:
+            since += 1
+    return best_step, best_loss, since
+
+
+class BestCheckpoint(TrainerCallback):  # type: ignore[misc]
+    """training.earlyStopping and training.keepBest: after each evaluation, a new best is saved as a
+    checkpoint (so it can be published and is never pruned), and ``patience`` evaluations in a row
+    without improvement stop training (with a checkpoint of that step)."""
+
+    def __init__(self, early_stopping: Any | None, keep_best: bool):
+        self.early_stopping, self.keep_best = early_stopping, keep_best
+        self.min_delta = early_stopping.min_delta if early_stopping else 0.0
+        self.best_step: int | None = None
+        self.best_loss: float | None = None
+        self.stopped_early = False
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
+                    **kwargs: Any) -> None:
+        if "eval_loss" not in (metrics or {}):
+            return
+        self.best_step, self.best_loss, since = best_of(state.log_history, self.min_delta)
+        if self.keep_best and since == 0:
+            control.should_save = True
+        if self.early_stopping and since >= self.early_stopping.patience and not control.should_training_stop:
+            log.info("early stopping at step %d: %d evaluations without improvement (best eval loss %.4g at "
+                     "step %s)", state.global_step, since, self.best_loss, self.best_step)
+            self.stopped_early = True
+            control.should_training_stop = True
+            control.should_save = True
 
 
 class EvalInterrupted(Exception):

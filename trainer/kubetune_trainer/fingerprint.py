@@ -34,8 +34,7 @@ from kubetune_trainer.storage import Store, is_s3, sha256_file, split_s3
 # Spec fields (wire names) that do not change the result: cadence of logs, evaluations and
 # checkpoints, retention, safety limits of the watchdog and data checks, evaluation-only settings.
 OPERATIONAL = {
-    "training": {"loggingSteps", "evalSteps", "saveSteps", "keepCheckpoints", "watchdog", "maxTruncatedFraction",
-                 "earlyStopping"},
+    "training": {"loggingSteps", "evalSteps", "saveSteps", "keepCheckpoints", "watchdog", "maxTruncatedFraction"},
     "dataset": {"secretRef"},
     "dataset.eval": {"maxSamples"},
     "model": {"secretRef", "trustRemoteCode"},

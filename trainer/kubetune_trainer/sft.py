@@ -16,26 +16,33 @@ What the trainer pod runs (the operator mounts the resolved spec), and how to ru
 
 Steps, top-down in :func:`train`:
 
-1. Already complete (``<output>/manifest.json`` exists)? Return its result: a retried pod after a
-   success does no work. Otherwise check the output is writable before any heavy work.
+1. Bound to the spec (:mod:`kubetune_trainer.fingerprint`): a ``manifest.json`` with this run's
+   fingerprint means complete, its result is returned (a retried pod after a success does no work);
+   a manifest or checkpoints of another run are refused (OutputConflict, naming their owner and what
+   differs). Then check the output is writable before any heavy work.
 2. Data: load, check and format (:mod:`kubetune_trainer.data`). Bad data fails here, before any
    weights are downloaded or loaded.
 3. Tokenizer (only the tokenizer files are fetched); tokenize once, batched (the Rust tokenizer
    uses every CPU), into TRL's pre-tokenized layout (``input_ids``/``labels``), then the token-level
-   checks on exactly those labels: samples that cannot fit ``maxLength``, zero trainable tokens.
+   checks on exactly those labels: truncated samples over ``maxTruncatedFraction``, zero trainable
+   tokens. At most ``dataset.eval.maxSamples`` evaluation samples.
 4. The base model (4-bit NF4 by default, :mod:`kubetune_trainer.modeling`), LoRA via peft.
 5. TRL ``SFTTrainer``: packing ``bfd`` (no attention across packed samples: position_ids restart
    at every sample, no attention mask) or ``wrapped`` (classic constant-length rows) or none.
-   Callbacks: progress into ``status.progress``, checkpoint upload + ``latest.json`` pointer,
-   SIGTERM -> checkpoint -> exit 7.
-6. Resume from the newest complete checkpoint in storage, if any; train.
+   Callbacks: progress into ``status.progress`` (throttled), the watchdog (Diverged, Stalled:
+   :mod:`kubetune_trainer.watchdog`), checkpoint upload + ``latest.json`` pointer, SIGTERM ->
+   checkpoint -> exit 7. ``training.seed`` is set before the adapter is built (seeded LoRA init).
+6. Resume from the newest intact checkpoint of this run in storage, if any; train; evaluate once
+   more at the end unless the last step just did.
 7. Publish: adapter (PEFT format + tokenizer, with its own ``manifest.json`` for the MergeJob),
    ``spec.json``, ``report.md``, ``loss.png``, the offline W&B run; ``manifest.json`` LAST.
 
 Returns the status result: ``adapterUri``, ``checkpointUri``, ``reportUri``, ``wandbUrl``, ``progress``.
 
 Raises (exit codes in :mod:`kubetune.contract`):
+    OutputConflict: ``output.uri`` holds another run's result or checkpoints. Nothing is touched.
     InvalidDataset: the data cannot train (names the column, row and fix). No model is loaded.
+    Diverged / Stalled: the watchdog stopped the run; the last good checkpoint is kept and named.
     StorageError: output not writable; a download or upload failed after retries (no manifest).
     Preempted: SIGTERM; a checkpoint was stored first, so the retry resumes.
 """
@@ -53,7 +60,7 @@ from typing import Any
 
 from kubetune import api, contract
 from kubetune_trainer import checkpoints, data, fingerprint, modeling, report, watchdog
-from kubetune_trainer.runtime import PodContext, Preempted
+from kubetune_trainer.runtime import PodContext, Preempted, StorageError
 from kubetune_trainer.storage import Store, join, read_manifest, write_manifest
 
 log = logging.getLogger("kubetune.sft")
@@ -117,7 +124,9 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
 
     wandb_on = setup_wandb(spec.tracking, ctx, work)
     progress = ProgressReporter(ctx.reporter, echo)
-    uploader = checkpoints.CheckpointUploader(store, out, spec.training.keep_checkpoints, ctx.reporter, stamp)
+    best = checkpoints.BestCheckpoint(spec.training.early_stopping, spec.training.keep_best)
+    uploader = checkpoints.CheckpointUploader(store, out, spec.training.keep_checkpoints, ctx.reporter, stamp,
+                                              protect=lambda: best.best_step if best.keep_best else None)
     guard = watchdog.Watchdog(spec.training.watchdog, lambda: (uploader.last or pointer or {}).get("uri"),
                               on_stall=lambda err: watchdog.exit_process(ctx.termination_log, err))
     preemption = checkpoints.PreemptionHandler().install()
@@ -131,7 +140,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
             eval_dataset=eval_set,
             processing_class=tokenizer,
             peft_config=modeling.lora_config(spec.lora),
-            callbacks=[progress, guard, uploader, preemption],  # the watchdog checks before any upload
+            callbacks=[progress, best, guard, uploader, preemption],  # the watchdog checks before any upload
         )
         if chat_template is not None and not assistant_only:
             log.info("the chat template has no {%% generation %%} markers: training on whole conversations")
@@ -168,6 +177,10 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
         result["wandbUrl"] = wandb_url
     log_history = trainer.state.log_history
     metrics = report.metrics_from(log_history, outcome.metrics, resumed=resume is not None)
+    if best.early_stopping or best.keep_best:
+        metrics.update(bestStep=best.best_step, bestEvalLoss=best.best_loss, stoppedEarly=best.stopped_early)
+    if best.keep_best and best.best_step not in (None, trainer.state.global_step):
+        use_best_adapter(trainer.model, store, out, best.best_step, work)
     versions = report.library_versions()
 
     results_dir = work / "result"
@@ -343,6 +356,20 @@ def eval_subset(rows: Any, max_samples: int | None, seed: int) -> Any:
         return rows
     log.info("evaluating on %d of %d evaluation rows (dataset.eval.maxSamples)", max_samples, len(rows))
     return rows.shuffle(seed=seed).select(range(max_samples))
+
+
+def use_best_adapter(model: Any, store: Store, out: str, step: int, work: Path) -> None:
+    """training.keepBest: load the adapter weights of the best evaluation's checkpoint (kept in
+    storage, checked against its sha256) into the model, so that adapter is the one published."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    pointer = checkpoints.folder_pointer(store, out, step)
+    local = checkpoints.fetch(store, pointer, work / "best") if pointer else None
+    if local is None:
+        raise StorageError(f"the best checkpoint (step {step}) is missing or damaged in {out}: cannot publish it")
+    set_peft_model_state_dict(model, load_file(str(local / "adapter_model.safetensors")))
+    log.info("publishing the adapter of the best evaluation: step %d (training.keepBest)", step)
 
 
 def evaluated_at(log_history: list[dict[str, Any]], step: int) -> bool:
