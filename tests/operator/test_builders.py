@@ -128,7 +128,8 @@ def test_pod_failure_policy_permanent_codes_fail_preemption_ignored(ftj_body):
     body = ftj_body()
     policy = builders.job(body, _spec(body), SETTINGS, suspend=False)["spec"]["podFailurePolicy"]
     assert policy == {"rules": [
-        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 5, 6, 8, 9, 10]}},
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                              "values": [2, 3, 5, 6, 8, 9, 10]}},
         {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [7]}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}

@@ -278,3 +278,57 @@ def test_shipped_sample_datasets_are_valid(name: str, fields: dict[str, Any], tm
     assert len(splits.train) == 16
     stats = data.check_tokens(data.tokenize(splits.train, tokenizer), 128, "bfd")
     assert stats.too_long == 0 and stats.trainable > 0
+
+
+# -- large data: Arrow, memory-mapped ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["text", "template", "messages"])
+def test_splits_are_arrow_files_under_the_work_dir(fmt: str, tmp_path: Path, dataset_spec: Any, store: Any) -> None:
+    """No split is held as Python rows: the data and TRL's columns are Arrow files under the pod's
+    work dir, memory-mapped (datasets' JSON loader for plain columns, whole JSON lines otherwise)."""
+    rows = [{"text": f"doc {i}", "question": q, "answer": a, "messages": MESSAGES[i]}
+            for i, (q, a) in enumerate(QA[:12])]
+    spec = dataset_spec(source="jsonl", uri=str(write_jsonl(tmp_path / "d.jsonl", rows)), format=fmt,
+                        template=TEMPLATE if fmt == "template" else None, eval={"fraction": 0.25})
+    splits = load(spec, store, tmp_path)
+    for ds in (splits.train, splits.eval):
+        assert ds.cache_files and all(Path(f["filename"]).is_relative_to(tmp_path / "work" / "hf-cache")
+                                      for f in ds.cache_files)
+    assert len(splits.train) + len(splits.eval) == 12
+    column = "messages" if fmt == "messages" else "text"
+    assert sorted([*splits.train[column], *splits.eval[column]]) == sorted(
+        {"text": [r["text"] for r in rows], "template": [TEMPLATE.format(**r) for r in rows],
+         "messages": [json.dumps(r["messages"]) for r in rows]}[fmt])
+
+
+def test_a_bad_json_line_is_named_in_a_large_file(tmp_path: Path, dataset_spec: Any, store: Any) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": f"doc {i}"} for i in range(2500)])
+    lines = path.read_text().splitlines()
+    lines[2345] = '{"text": "cut'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InvalidDataset) as err:
+        load(dataset_spec(source="jsonl", uri=str(path)), store, tmp_path)
+    assert str(err.value) == "train.jsonl line 2346 is not valid JSON: Invalid control character at (column 14)"
+
+
+def test_missing_and_null_values_are_told_apart_in_loaded_jsonl(tmp_path: Path, dataset_spec: Any,
+                                                                store: Any) -> None:
+    """datasets' JSON loader reads an absent key as null; the message still says which it is."""
+    rows = [{"question": f"q {i}", "answer": f"a {i}"} for i in range(1500)]  # more than one batch
+    rows[3] = {"question": "q"}
+    rows[1200] = {"question": "q", "answer": None}
+    spec = dataset_spec(source="jsonl", uri=str(write_jsonl(tmp_path / "qa.jsonl", rows)), format="template",
+                        template=TEMPLATE)
+    with pytest.raises(InvalidDataset) as err:
+        load(spec, store, tmp_path)
+    assert str(err.value) == ("dataset.template fields must have values: row 3: 'answer' is missing; "
+                              "row 1200: 'answer' is null")
+
+
+def test_numbers_keep_their_json_type(tmp_path: Path, dataset_spec: Any, store: Any) -> None:
+    """A column of ints and floats (which datasets' loader would make all floats) renders as json.loads reads it."""
+    rows = [{"question": "q", "answer": n} for n in (1, 2.5, 3)]
+    spec = dataset_spec(source="jsonl", uri=str(write_jsonl(tmp_path / "n.jsonl", rows)), format="template",
+                        template="{question} {answer}")
+    assert load(spec, store, tmp_path).train["text"] == ["q 1", "q 2.5", "q 3"]

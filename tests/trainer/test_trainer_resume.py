@@ -142,6 +142,8 @@ def test_sigterm_then_sigkill_then_resume_to_the_end(tiny_model_dir: Path, s3: A
     expected = json.loads((tmp_path / "straight-final" / "trainer_state.json").read_text())["log_history"]
     resumed_losses = [h["loss"] for h in history if "loss" in h]
     straight_losses = [h["loss"] for h in expected if "loss" in h]
+    worst = max(abs(a - b) for a, b in zip(resumed_losses, straight_losses, strict=True))
+    print(f"resumed vs uninterrupted: {len(resumed_losses)} steps, max |loss difference| {worst:.2e}")
     assert resumed_losses == pytest.approx(straight_losses, abs=RESUME_LOSS_TOLERANCE)
     # the manifest's train loss covers the whole run, not only the last pod's steps
     whole_run = pytest.approx(reference["metrics"]["trainLoss"], abs=RESUME_LOSS_TOLERANCE)

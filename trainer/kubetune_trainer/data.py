@@ -24,6 +24,18 @@ columns (with the columns present), empty data, unknown template fields, wrong v
 template rows with an empty answer, bad JSON lines, conversations the chat template refuses,
 more truncated samples than ``training.maxTruncatedFraction``, no trainable tokens.
 docs/data.md describes the formats, checks and truncation rules for users.
+
+Large data: JSONL, Parquet and ``save_to_disk`` data are read as Arrow tables memory-mapped from
+files under the pod's work dir (``<work_dir>/hf-cache``), never as Python rows: the row checks and
+the formatting run a batch at a time (:class:`RowFormatter`, through ``datasets.map``), and the
+formatted TRL columns are written to Arrow cache files there as well, so memory stays flat as the
+data grows (docs/benchmarks.md, Data loading memory). JSONL goes through ``datasets``' JSON loader
+when every column a format reads comes out as Arrow strings, integers or booleans (exactly the
+values ``json.loads`` gives); otherwise (conversations, tools, floats, nested or mixed-type
+values, lines the loader refuses) each line is checked by ``json.loads`` and stored whole in an
+Arrow file, to be decoded a batch at a time (:func:`jsonl_as_arrow`), so a bad line is still named
+by file and line number and the values are exactly what ``json.loads`` gives. Deep Lake data is
+still read into Python columns (:func:`load_deeplake`).
 """
 
 from __future__ import annotations
@@ -32,8 +44,9 @@ import json
 import logging
 import os
 import string
-from collections.abc import Callable
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +62,33 @@ EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz"), "parquet": (".parquet",
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Optional string keys a message keeps (besides role, content and tool_calls).
 MESSAGE_TEXT_KEYS = ("name", "tool_call_id", "reasoning_content", "thinking")
+FORMAT_BATCH = 1000  # rows per batch of the row checks and formatting
+LINE_COLUMN = "__kubetune_json_line__"  # jsonl_as_arrow: each JSON line, whole
+CACHE_DIR = "hf-cache"  # under the work dir: datasets' Arrow files (loaded, formatted, tokenized data)
+# Arrow types datasets' JSON loader gives exactly the values json.loads gives (not float64: the
+# loader turns the integers of a mixed column into floats; not timestamps: it parses date strings).
+EXACT_JSON_TYPES = ("string", "large_string", "int64", "bool")
 
 
 @dataclass
 class RawSplit:
-    """Rows of one split as columns; ``get`` returns one column as Python values."""
+    """One split as read from its source: an Arrow-backed ``datasets.Dataset`` (memory-mapped), or,
+    for Deep Lake, ``get`` returning one column as Python values."""
 
     name: str
     columns: list[str]
     num_rows: int
-    get: Callable[[str], list[Any]]
+    dataset: Any = None  # datasets.Dataset; None for Deep Lake
+    json_lines: bool = False  # dataset holds each JSON line whole (LINE_COLUMN), decoded a batch at a time
+    get: Callable[[str], list[Any]] | None = None  # Deep Lake
+    jsonl_files: list[Path] = field(default_factory=list)  # JSONL read by datasets' loader: rescanned for error texts
+
+    def values(self, batch: dict[str, list[Any]], names: list[str]) -> dict[str, list[Any]]:
+        """The columns ``names`` of a batch as Python values (MISSING where a JSON line lacks the key)."""
+        if self.json_lines:
+            rows = [json.loads(text) for text in batch[LINE_COLUMN]]
+            return {name: [row.get(name, MISSING) for row in rows] for name in names}
+        return {name: batch[name] for name in names}
 
 
 @dataclass
@@ -77,10 +107,10 @@ class Splits:
 def load_splits(spec: api.Dataset, store: Store, work_dir: Path, seed: int) -> Splits:
     """Load, check and format the training (and evaluation) data. Raises InvalidDataset."""
     train_raw = load_raw(spec, spec.split, store, work_dir)
-    train = format_split(train_raw, spec)
+    train = format_split(train_raw, spec, work_dir)
     evaluation = None
     if spec.eval is not None and spec.eval.split is not None:
-        evaluation = format_split(load_raw(spec, spec.eval.split, store, work_dir), spec)
+        evaluation = format_split(load_raw(spec, spec.eval.split, store, work_dir), spec, work_dir)
     elif spec.eval is not None and spec.eval.fraction is not None:
         train, evaluation = split_fraction(train, spec.eval.fraction, seed)
     log.info("dataset %s (%s, %s): %d training rows%s", spec.uri, spec.source, spec.format, len(train),
@@ -161,34 +191,73 @@ def _fetch_files(spec: api.Dataset, split: str, store: Store, work_dir: Path) ->
     raise InvalidDataset(f"the dataset {spec.uri} does not exist")
 
 
-def load_files(spec: api.Dataset, split: str, store: Store, work_dir: Path) -> RawSplit:
-    """JSONL or Parquet files."""
-    files = _fetch_files(spec, split, store, work_dir)
-    if spec.source == "jsonl":
-        rows: list[dict[str, Any]] = []
-        for path in files:
-            rows.extend(read_jsonl(path))
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        return RawSplit(split, columns, len(rows), lambda c: [row.get(c, MISSING) for row in rows])
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _load_arrow(kind: str, files: list[Path], work_dir: Path) -> Any:
+    """``datasets``' ``json``/``parquet`` loader: the files converted once into Arrow files under the
+    work dir and memory-mapped from there. None when the loader fails (the caller reads the files
+    itself, for the exact error or for data the loader cannot type)."""
+    import datasets
 
     try:
-        tables = [pq.read_table(path) for path in files]
-        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    except (pa.ArrowException, OSError) as err:
-        raise InvalidDataset(f"cannot read the Parquet data of {spec.uri}: {err}") from err
-    return RawSplit(split, table.column_names, table.num_rows, lambda c: table.column(c).to_pylist())
+        return datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train",
+                                     cache_dir=str(work_dir / CACHE_DIR))
+    except Exception as err:  # noqa: BLE001 - datasets wraps every reader failure differently
+        log.info("datasets' %s loader cannot read %s (%s: %s): reading the files directly", kind,
+                 ", ".join(p.name for p in files[:3]), type(err).__name__, str(err).splitlines()[0][:200] if str(err)
+                 else "")
+        return None
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per line (blank lines skipped); a bad line is named by its number."""
+def _exact_json_column(feature: Any) -> bool:
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype in EXACT_JSON_TYPES
+
+
+def _starts_with_array(path: Path) -> bool:
+    """A JSON document that is one array: datasets' loader would read its objects as rows, a JSON
+    lines reader refuses it (as kubetune always has: line 1 is a JSON list)."""
     opener: Any = open
     if path.name.endswith(".gz"):
         import gzip
 
         opener = gzip.open
-    rows = []
+    with opener(path, "rb") as fh:
+        head = fh.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def load_files(spec: api.Dataset, split: str, store: Store, work_dir: Path) -> RawSplit:
+    """JSONL or Parquet files, as Arrow data memory-mapped from the work dir."""
+    files = _fetch_files(spec, split, store, work_dir)
+    if spec.source == "jsonl":
+        if spec.format != "messages" and not any(_starts_with_array(p) for p in files):
+            ds = _load_arrow("json", files, work_dir)
+            if ds is not None and all(_exact_json_column(ds.features[c]) for c in required_columns(spec)
+                                      if c in ds.features):
+                return RawSplit(split, list(ds.column_names), len(ds), ds, jsonl_files=files)
+        return jsonl_as_arrow(files, split, work_dir)
+    ds = _load_arrow("parquet", files, work_dir)
+    if ds is not None:
+        return RawSplit(split, list(ds.column_names), len(ds), ds)
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:  # the error text, or Parquet files with differing schemas, which datasets refuses: in memory
+        tables = [pq.read_table(path) for path in files]
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    except (pa.ArrowException, OSError) as err:
+        raise InvalidDataset(f"cannot read the Parquet data of {spec.uri}: {err}") from err
+    return RawSplit(split, table.column_names, table.num_rows, datasets.Dataset(table))
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """One JSON object per line (blank lines skipped), with its text; a bad line is named by its number."""
+    opener: Any = open
+    if path.name.endswith(".gz"):
+        import gzip
+
+        opener = gzip.open
     with opener(path, "rt", encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
@@ -200,8 +269,56 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                     from None
             if not isinstance(row, dict):
                 raise InvalidDataset(f"{path.name} line {number} is a JSON {type(row).__name__}, not an object")
-            rows.append(row)
-    return rows
+            yield line.strip(), row
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All the rows of a JSONL file as Python objects (small files only)."""
+    return [row for _, row in iter_jsonl(path)]
+
+
+def jsonl_batches(files: list[Path], names: list[str]) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+    """The columns ``names`` of JSONL files as Python values, FORMAT_BATCH rows at a time, with the
+    first row's number (MISSING where a line lacks the key)."""
+    chunk: list[dict[str, Any]] = []
+    start = 0
+    for path in files:
+        for _, row in iter_jsonl(path):
+            chunk.append(row)
+            if len(chunk) == FORMAT_BATCH:
+                yield start, {name: [r.get(name, MISSING) for r in chunk] for name in names}
+                start, chunk = start + len(chunk), []
+    if chunk:
+        yield start, {name: [r.get(name, MISSING) for r in chunk] for name in names}
+
+
+def jsonl_as_arrow(files: list[Path], split: str, work_dir: Path) -> RawSplit:
+    """JSONL files checked line by line (:func:`iter_jsonl`) and written, each line whole, to an Arrow
+    file under the work dir, memory-mapped: for data datasets' loader refuses or would change
+    (conversations, tools, floats, mixed types). The columns are the keys of all the rows, in order
+    of appearance; :meth:`RawSplit.values` decodes the lines a batch at a time."""
+    import datasets
+    import pyarrow as pa
+
+    folder = work_dir / CACHE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"jsonl-{split}-{uuid.uuid4().hex}.arrow"
+    schema = pa.schema([(LINE_COLUMN, pa.large_string())])
+    keys: dict[str, None] = {}
+    rows = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        chunk: list[str] = []
+        for file in files:
+            for text, row in iter_jsonl(file):
+                keys.update(dict.fromkeys(row))
+                chunk.append(text)
+                if len(chunk) == FORMAT_BATCH:
+                    writer.write_batch(pa.record_batch([pa.array(chunk, pa.large_string())], schema=schema))
+                    rows, chunk = rows + len(chunk), []
+        if chunk:
+            writer.write_batch(pa.record_batch([pa.array(chunk, pa.large_string())], schema=schema))
+            rows += len(chunk)
+    return RawSplit(split, list(keys), rows, datasets.Dataset.from_file(str(path)), json_lines=True)
 
 
 def load_huggingface(spec: api.Dataset, split: str, store: Store, work_dir: Path) -> RawSplit:
@@ -224,7 +341,7 @@ def load_huggingface(spec: api.Dataset, split: str, store: Store, work_dir: Path
     else:
         token = os.environ.get(contract.ENV_DATASET_TOKEN) or os.environ.get(contract.ENV_HF_TOKEN)
         try:
-            loaded = datasets.load_dataset(spec.uri, token=token)
+            loaded = datasets.load_dataset(spec.uri, token=token, cache_dir=str(work_dir / CACHE_DIR))
         except (FileNotFoundError, ValueError, ConnectionError) as err:
             raise InvalidDataset(f"cannot load the dataset {spec.uri!r} (not a local folder; from the hub: {err})") \
                 from err
@@ -237,7 +354,7 @@ def load_huggingface(spec: api.Dataset, split: str, store: Store, work_dir: Path
                              "(use dataset.eval.fraction)")
     else:
         ds = loaded
-    return RawSplit(split, list(ds.column_names), len(ds), lambda c: list(ds[c]))
+    return RawSplit(split, list(ds.column_names), len(ds), ds)
 
 
 def deeplake_creds(store: Store) -> dict[str, str]:
@@ -303,7 +420,7 @@ def load_deeplake(spec: api.Dataset, split: str, store: Store, work_dir: Path) -
                 "dataset.uri at the copy") from err
         log.info("%s is not a Deep Lake 4 dataset (%s): read as a Deep Lake 3 dataset", spec.uri, type(err).__name__)
     columns = [column.name for column in ds.schema.columns]
-    return RawSplit(split, columns, len(ds), lambda c: [_plain(v) for v in ds[c][:]])  # type: ignore[union-attr]
+    return RawSplit(split, columns, len(ds), get=lambda c: [_plain(v) for v in ds[c][:]])  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,20 +481,6 @@ def _raise_problems(problems: list[str], total: int, what: str) -> None:
     if problems:
         more = f" (and {total - len(problems)} more)" if total > len(problems) else ""
         raise InvalidDataset(f"{what}: " + "; ".join(problems) + more)
-
-
-def string_column(raw: RawSplit, column: str) -> list[str]:
-    """A column whose every value must be a string; the first bad rows are named."""
-    values = raw.get(column)
-    problems: list[str] = []
-    bad = 0
-    for row, value in enumerate(values):
-        if not isinstance(value, str):
-            bad += 1
-            if len(problems) < MAX_LISTED:
-                problems.append(f"row {row} is {_describe(value)}")
-    _raise_problems(problems, bad, f"column {column!r} must hold strings")
-    return values
 
 
 def _check_tool_call(call: Any, where: str) -> str | None:
@@ -465,118 +568,190 @@ def check_tools(value: Any, row: int) -> list[dict[str, Any]] | None | str:
     return value or None
 
 
-def format_rows(raw: RawSplit, spec: api.Dataset) -> dict[str, list[Any]]:
-    """Check the rows and build TRL's columns (see the module docstring)."""
-    check_columns(raw, spec)
-    if spec.format == "text":
-        return {"text": string_column(raw, spec.text_field)}
-    if spec.format == "promptCompletion":
-        return {"prompt": string_column(raw, spec.prompt_field),
-                "completion": string_column(raw, spec.completion_field)}
-    if spec.format == "template":
-        return {"text": template_texts(raw, spec)}
-    return conversation_columns(raw, spec)
+class _Problems:
+    """Rows that fail one check: the first MAX_LISTED named, the rest counted."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.listed, self.count = what, [], 0
+
+    def add(self, problem: str) -> None:
+        self.count += 1
+        if len(self.listed) < MAX_LISTED:
+            self.listed.append(problem)
+
+    def raise_any(self) -> None:
+        _raise_problems(self.listed, self.count, self.what)
 
 
-def template_texts(raw: RawSplit, spec: api.Dataset) -> list[str]:
-    """``dataset.template`` applied to every row.
+class RowFormatter:
+    """The row checks and TRL's columns (see the module docstring), one batch at a time: the function
+    ``datasets.map`` runs over the Arrow data (``with_indices``: row numbers are positions in the
+    source). Rows that fail a check are left out and remembered; :meth:`finish` raises the first
+    failing check after the last batch, naming the first rows and counting the rest.
 
-    Rows whose template fields are missing or null are named in an :class:`InvalidDataset`, and so
-    are rows whose LAST field (the template's answer: what the row teaches, as the completion of
+    ``template``: rows whose template fields are missing or null are named, and so are rows whose
+    LAST field (the template's answer: what the row teaches, as the completion of
     ``promptCompletion``) is an empty or blank string: such a row renders to the bare template around
     its prompt and would teach an empty answer. They fail rather than being dropped (as an empty
     ``text`` is) because an empty value in a named column is the same gap in the data as a null one,
     usually from the same export or a wrong column, and a job that trains on silently fewer rows
-    hides it. Other fields may be empty: optional parts of a prompt, such as Alpaca's ``input``."""
-    template = spec.template or ""
-    fields = template_fields(template)
-    columns = {field: raw.get(field) for field in fields}
-    answer = fields[-1] if fields else None
-    problems: list[str] = []
-    blank: list[int] = []
-    texts: list[str] = []
-    bad = 0
-    for row in range(raw.num_rows):
-        values = {field: columns[field][row] for field in fields}
-        wrong = [f"{field!r} is {_describe(v)}" for field, v in values.items()
-                 if v is MISSING or v is None or isinstance(v, bytes)]
-        if wrong:
-            bad += 1
-            if len(problems) < MAX_LISTED:
-                problems.append(f"row {row}: " + ", ".join(wrong))
-            continue
-        if answer is not None and isinstance(values[answer], str) and not values[answer].strip():
-            blank.append(row)
-            continue
-        try:
-            texts.append(template.format(**values))
-        except (KeyError, IndexError, AttributeError, TypeError, ValueError) as err:
-            raise InvalidDataset(f"dataset.template cannot be applied to row {row}: "
-                                 f"{type(err).__name__}: {err}") from err
-    _raise_problems(problems, bad, "dataset.template fields must have values")
-    if blank:
-        rows = ", ".join(map(str, blank[:MAX_LISTED]))
-        more = f" (and {len(blank) - MAX_LISTED} more)" if len(blank) > MAX_LISTED else ""
-        raise InvalidDataset(
-            f"{len(blank)} of {raw.num_rows} rows have an empty {answer!r}, the last field of dataset.template "
-            f"(what each row teaches), and would train on the bare template: rows {rows}{more}; "
-            f"fill the {answer!r} values or remove these rows")
-    return texts
+    hides it. Other fields may be empty: optional parts of a prompt, such as Alpaca's ``input``.
 
+    ``messages``: the ``messages`` column (and ``tools`` when the data has ``dataset.toolsField``),
+    each row a JSON string: tool calls and tool schemas differ from row to row, which Arrow would
+    merge into one struct type (adding null keys) or refuse; :func:`_tokenize_batch` reads them back.
 
-def conversation_columns(raw: RawSplit, spec: api.Dataset) -> dict[str, list[Any]]:
-    """The ``messages`` column (and ``tools`` when the data has ``dataset.toolsField``), each row a
-    JSON string: tool calls and tool schemas differ from row to row, which Arrow would merge into one
-    struct type (adding null keys) or refuse; :func:`_tokenize_batch` reads them back."""
-    conversations: list[str] = []
-    problems: list[str] = []
-    bad = 0
-    for row, value in enumerate(raw.get(spec.messages_field)):
-        checked = check_messages(value, row)
-        if isinstance(checked, str):
-            bad += 1
-            if len(problems) < MAX_LISTED:
-                problems.append(checked)
+    Rows with nothing to learn from (empty ``text`` or ``completion``) are dropped, and counted."""
+
+    def __init__(self, raw: RawSplit, spec: api.Dataset) -> None:
+        self.raw, self.format = raw, spec.format
+        self.template = spec.template or ""
+        self.fields = template_fields(self.template) if spec.format == "template" else []
+        self.checks: list[_Problems]
+        if spec.format == "text":
+            self.inputs, self.outputs = [spec.text_field], ["text"]
+            self.checks = [_Problems(f"column {spec.text_field!r} must hold strings")]
+        elif spec.format == "promptCompletion":
+            self.inputs, self.outputs = [spec.prompt_field, spec.completion_field], ["prompt", "completion"]
+            self.checks = [_Problems(f"column {c!r} must hold strings") for c in self.inputs]
+        elif spec.format == "template":
+            self.inputs, self.outputs = self.fields, ["text"]
+            self.checks = [_Problems("dataset.template fields must have values")]
         else:
-            conversations.append(json.dumps(checked, ensure_ascii=False))
-    _raise_problems(problems, bad, f"column {spec.messages_field!r} must hold conversations")
-    if spec.tools_field not in raw.columns:
-        return {"messages": conversations}
-    tools: list[str | None] = []
-    for row, value in enumerate(raw.get(spec.tools_field)):
-        checked_tools = check_tools(value, row)
-        if isinstance(checked_tools, str):
-            bad += 1
-            if len(problems) < MAX_LISTED:
-                problems.append(checked_tools)
+            tools = [spec.tools_field] if spec.tools_field in raw.columns else []
+            self.inputs, self.outputs = [spec.messages_field, *tools], ["messages", *(["tools"] if tools else [])]
+            self.checks = [_Problems(f"column {spec.messages_field!r} must hold conversations"),
+                           _Problems(f"column {spec.tools_field!r} (dataset.toolsField) must hold lists of tools")]
+        self.blank: list[int] = []  # template rows with an empty answer (the first ones)
+        self.blank_count = 0
+        self.dropped = 0  # rows with an empty text or completion
+        self.has_tools = False  # a row has tools
+
+    @property
+    def failed(self) -> bool:
+        return any(check.count for check in self.checks) or self.blank_count > 0
+
+    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        values = self.raw.values(batch, list(dict.fromkeys(self.inputs)))
+        out: dict[str, list[Any]] = {name: [] for name in self.outputs}
+        if self.format in ("text", "promptCompletion"):
+            columns = [values[c] for c in self.inputs]
+            for i, row in enumerate(indices):
+                row_values = [column[i] for column in columns]
+                good = True
+                for check, value in zip(self.checks, row_values, strict=True):
+                    if not isinstance(value, str):
+                        check.add(f"row {row} is {_describe(value)}")
+                        good = False
+                if not good:
+                    continue
+                if not row_values[-1].strip():  # the text, or the completion
+                    self.dropped += 1
+                    continue
+                for name, value in zip(self.outputs, row_values, strict=True):
+                    out[name].append(value)
+        elif self.format == "template":
+            self._template(values, indices, out["text"])
         else:
-            tools.append(None if checked_tools is None else json.dumps(checked_tools, ensure_ascii=False))
-    _raise_problems(problems, bad, f"column {spec.tools_field!r} (dataset.toolsField) must hold lists of tools")
-    if all(t is None for t in tools):
-        return {"messages": conversations}
-    return {"messages": conversations, "tools": tools}
+            self._conversations(values, indices, out)
+        return out
+
+    def _template(self, values: dict[str, list[Any]], indices: list[int], texts: list[str]) -> None:
+        answer = self.fields[-1] if self.fields else None
+        for i, row in enumerate(indices):
+            row_values = {name: values[name][i] for name in self.fields}
+            wrong = [f"{name!r} is {_describe(v)}" for name, v in row_values.items()
+                     if v is MISSING or v is None or isinstance(v, bytes)]
+            if wrong:
+                self.checks[0].add(f"row {row}: " + ", ".join(wrong))
+                continue
+            if answer is not None and isinstance(row_values[answer], str) and not row_values[answer].strip():
+                self.blank_count += 1
+                if len(self.blank) < MAX_LISTED:
+                    self.blank.append(row)
+                continue
+            try:
+                text = self.template.format(**row_values)
+            except (KeyError, IndexError, AttributeError, TypeError, ValueError) as err:
+                raise InvalidDataset(f"dataset.template cannot be applied to row {row}: "
+                                     f"{type(err).__name__}: {err}") from err
+            if not text.strip():
+                self.dropped += 1
+                continue
+            texts.append(text)
+
+    def _conversations(self, values: dict[str, list[Any]], indices: list[int], out: dict[str, list[Any]]) -> None:
+        messages = values[self.inputs[0]]
+        tools = values[self.inputs[1]] if len(self.inputs) > 1 else None
+        for i, row in enumerate(indices):
+            checked = check_messages(messages[i], row)
+            if isinstance(checked, str):
+                self.checks[0].add(checked)
+            checked_tools = check_tools(tools[i], row) if tools is not None else None
+            if isinstance(checked_tools, str):
+                self.checks[1].add(checked_tools)
+            if isinstance(checked, str) or isinstance(checked_tools, str):
+                continue
+            out["messages"].append(json.dumps(checked, ensure_ascii=False))
+            if tools is not None:
+                self.has_tools = self.has_tools or checked_tools is not None
+                out["tools"].append(None if checked_tools is None else json.dumps(checked_tools, ensure_ascii=False))
+
+    def finish(self) -> None:
+        """Raise the first failing check (in the order of the columns), as InvalidDataset."""
+        for check in self.checks:
+            check.raise_any()
+        if self.blank_count:
+            answer = self.fields[-1]
+            rows = ", ".join(map(str, self.blank))
+            more = f" (and {self.blank_count - MAX_LISTED} more)" if self.blank_count > MAX_LISTED else ""
+            raise InvalidDataset(
+                f"{self.blank_count} of {self.raw.num_rows} rows have an empty {answer!r}, the last field of "
+                f"dataset.template (what each row teaches), and would train on the bare template: rows {rows}{more}; "
+                f"fill the {answer!r} values or remove these rows")
 
 
-def drop_empty(columns: dict[str, list[Any]], split: str) -> dict[str, list[Any]]:
-    """Rows with nothing to learn from (empty text or completion) are dropped, and counted in the log."""
-    key = "text" if "text" in columns else "completion" if "completion" in columns else None
-    if key is None:
-        return columns
-    keep = [i for i, value in enumerate(columns[key]) if value.strip()]
-    if len(keep) < len(columns[key]):
-        log.warning("split %s: dropped %d rows whose %s is empty", split, len(columns[key]) - len(keep), key)
-        columns = {name: [values[i] for i in keep] for name, values in columns.items()}
-    return columns
-
-
-def format_split(raw: RawSplit, spec: api.Dataset) -> Any:
-    """A ``datasets.Dataset`` with TRL's columns for one split."""
+def format_split(raw: RawSplit, spec: api.Dataset, work_dir: Path) -> Any:
+    """A ``datasets.Dataset`` with TRL's columns for one split, checked row by row (:class:`RowFormatter`)
+    and written to an Arrow file under ``<work_dir>/hf-cache`` (Deep Lake: in memory)."""
     import datasets
 
-    columns = drop_empty(format_rows(raw, spec), raw.name)
-    if not next(iter(columns.values())):
+    check_columns(raw, spec)
+    rows = RowFormatter(raw, spec)
+    features = datasets.Features({name: datasets.Value("string") for name in rows.outputs})
+    if raw.dataset is not None:
+        source = raw.dataset.select_columns([LINE_COLUMN] if raw.json_lines
+                                              else list(dict.fromkeys(rows.inputs)) or raw.dataset.column_names)
+        folder = work_dir / CACHE_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"format-{raw.name}-{uuid.uuid4().hex}"
+        formatted = source.map(rows, batched=True, batch_size=FORMAT_BATCH, with_indices=True,
+                               remove_columns=source.column_names, features=features, load_from_cache_file=False,
+                               cache_file_name=str(folder / f"{name}.arrow"), new_fingerprint=name)
+    else:  # Deep Lake: Python columns
+        assert raw.get is not None
+        columns = {c: raw.get(c) for c in dict.fromkeys(rows.inputs)}
+        parts: dict[str, list[Any]] = {name: [] for name in rows.outputs}
+        for start in range(0, raw.num_rows, FORMAT_BATCH):
+            stop = min(start + FORMAT_BATCH, raw.num_rows)
+            for key, values in rows({c: v[start:stop] for c, v in columns.items()}, list(range(start, stop))).items():
+                parts[key].extend(values)
+        formatted = datasets.Dataset.from_dict(parts, features=features)
+    if rows.failed and raw.jsonl_files:
+        # datasets' loader turned missing keys into nulls: the exact messages come from the lines
+        exact = RowFormatter(RawSplit(raw.name, raw.columns, raw.num_rows), spec)
+        for start, batch in jsonl_batches(raw.jsonl_files, list(dict.fromkeys(rows.inputs))):
+            exact(batch, list(range(start, start + len(next(iter(batch.values()), [])))))
+        exact.finish()
+    rows.finish()
+    if rows.dropped:
+        log.warning("split %s: dropped %d rows whose %s is empty", raw.name, rows.dropped,
+                    "completion" if spec.format == "promptCompletion" else "text")
+    if len(formatted) == 0:
         raise InvalidDataset(f"the dataset {spec.uri} (split {raw.name!r}) has no non-empty samples")
-    return datasets.Dataset.from_dict(columns)
+    if "tools" in formatted.column_names and not rows.has_tools:
+        formatted = formatted.remove_columns("tools")
+    return formatted
 
 
 # ----------------------------------------------------------------------------------------------
