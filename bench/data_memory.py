@@ -13,10 +13,11 @@ private (anonymous) memory, sampled every 50 ms (RssAnon): memory-mapped Arrow p
 read count in RSS but are page cache the kernel can drop, private memory cannot be dropped.
 
 * ``new`` — this tree's ``kubetune_trainer`` (Arrow, memory-mapped, under the work dir).
-* ``old`` — ``kubetune_trainer/data.py`` of ``--old-ref`` (default HEAD) in a copy of this tree's
-  package, first on ``sys.path`` (``git show REF:trainer/kubetune_trainer/data.py``): every row as
-  Python objects, then an in-memory ``datasets.Dataset``. It runs on ``--old-size-mb`` files, since
-  it needs about 10× the data in memory; a worker whose private memory passes ``--rss-cap-gb`` stops
+* ``old`` — ``kubetune_trainer/data.py`` of ``--old-ref`` (default 16850bd, the last Python-rows
+  loader) in a copy of this tree's package, first on ``sys.path``
+  (``git show REF:trainer/kubetune_trainer/data.py``): every row as Python objects, then an
+  in-memory ``datasets.Dataset``. It runs on ``--old-size-mb`` files, since it needs about 10× the
+  data in memory; a worker whose private memory passes ``--rss-cap-gb`` stops
   itself and is reported as such.
 """
 
@@ -188,7 +189,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--size-mb", type=int, default=1100, help="JSONL file size for the new code")
     parser.add_argument("--old-size-mb", type=int, default=256, help="JSONL file size for the old code (0: skip)")
-    parser.add_argument("--old-ref", default="HEAD", help="git revision of the old data.py")
+    parser.add_argument("--old-ref", default="16850bd",
+                        help="git revision of the old data.py (the last Python-rows loader)")
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--rss-cap-gb", type=float, default=12.0, help="a worker stops above this private memory")
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()))
