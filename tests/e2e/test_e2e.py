@@ -153,7 +153,7 @@ def test_bad_dataset_fails_without_retries(system: System) -> None:
 @pytest.mark.timeout(2 * RUN_TIMEOUT + 300)
 def test_suspend_keeps_checkpoint_and_resume_continues(system: System) -> None:
     name = "pausable"
-    total = 12  # ~4 s a step on 2 busy cores: the suspend lands well before the end
+    total = 40  # 0.5-4 s a step on 2 cores: the suspend (a few seconds to reach the pod) lands before the end
     system.cluster.apply(finetune(system, name, max_steps=total, save_steps=2), namespace=system.namespace)
     selector = f"kubetune.dev/job-name={name}"
 
@@ -162,7 +162,7 @@ def test_suspend_keeps_checkpoint_and_resume_continues(system: System) -> None:
         st = obj.get("status") or {}
         if st.get("phase") in ("Succeeded", "Failed"):
             raise AssertionError(f"the run ended before it could be suspended: {st}\n{system.diagnostics()}")
-        return st if st.get("checkpointUri") and (st.get("progress") or {}).get("step", 0) >= 2 else None
+        return st if st.get("checkpointUri") else None  # sent at once; progress itself is throttled (5 s)
 
     before = wait_for(checkpointed, RUN_TIMEOUT, "a first checkpoint", interval=0.5)
     system.cluster.kubectl("patch", "finetunejob", name, "-n", system.namespace, "--type=merge",
@@ -174,7 +174,7 @@ def test_suspend_keeps_checkpoint_and_resume_continues(system: System) -> None:
     # The checkpoint is kept in storage and the pointer names it.
     latest = system.s3_json(f"s3://{BUCKET}/runs/{system.namespace}/{name}/checkpoints/latest.json")
     saved_step = int(latest["step"])
-    assert saved_step >= before["progress"]["step"] - 2 and saved_step >= 2
+    assert saved_step >= int(before["checkpointUri"].rsplit("step-", 1)[1]) >= 2
     assert system.s3_keys(suspended["status"]["checkpointUri"]), "checkpoint objects missing"
 
     system.cluster.kubectl("patch", "finetunejob", name, "-n", system.namespace, "--type=merge",

@@ -73,7 +73,7 @@ def test_another_job_on_a_finished_output_is_refused_before_any_work(
     message = str(refused.value)
     assert f"{out} already holds the result of FineTuneJob ns/first" in message
     assert f"dataset.uri (\"{data}\" there, \"s3://{prefix}/data/missing.jsonl\" here)" in message
-    assert "set another output.uri" in message
+    assert "set another output.uri" in message and "content" not in message  # the uri already says it
     assert not (tmp_path / "second" / "data").exists() and not (tmp_path / "second" / "model").exists()
     assert store.get_json(f"{out}/manifest.json") == manifest  # never overwritten
 
@@ -125,6 +125,19 @@ def test_checkpoints_resume_only_their_own_run_and_skip_a_damaged_one(
     assert "resuming from step 4" in caplog.text
     assert result["progress"]["step"] == 6
     assert store.get_json(f"{out}/manifest.json") is not None
+
+    # Stopped after the last step's checkpoint, before the manifest (SIGTERM or a kill while publishing):
+    # the retry publishes that checkpoint; it never trains a step past maxSteps (HF would, from there).
+    store.delete(f"{out}/manifest.json")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kubetune"):
+        again = sft.train(spec, make_pod(tmp_path / "d"))
+    assert "the checkpoint of step 6 is the run's last step: publishing it without training" in caplog.text
+    assert (again["progress"]["step"], again["progress"]["percent"]) == (6, 100)
+    assert again["progress"]["loss"] == result["progress"]["loss"]
+    assert checkpoints.stored_steps(store, out)[-1] == 6
+    published = store.get_json(f"{out}/manifest.json")["files"]["adapter/adapter_model.safetensors"]
+    assert published == store.get_json(f"{out}/checkpoints/latest.json")["files"]["adapter_model.safetensors"]
 
 
 def test_fingerprint_ignores_what_does_not_change_the_result() -> None:

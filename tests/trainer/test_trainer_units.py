@@ -34,6 +34,7 @@ def test_progress_fields_rate_and_eta_count_this_process_only() -> None:
     assert (p["percent"], p["etaSeconds"], p["eta"], p["tokensPerSecond"]) == (50, 100, "1m40s", 200.0)
     assert p["updatedAt"].endswith("Z") and p["epoch"] == 1.25
     assert "eta" not in progress_fields(0, 100, None, 0.0, 0, None)
+    assert progress_fields(13, 12, None, 1.0, 1, None)["percent"] == 100  # the CRD's maximum: never over
 
 
 class Recorder(StatusReporter):

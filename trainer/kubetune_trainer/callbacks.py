@@ -49,7 +49,7 @@ def progress_fields(step: int, total: int, epoch: float | None, elapsed: float, 
     """The computed part of ``status.progress`` (camelCase). ``steps_done``/``tokens``/``elapsed``
     count this process only, so a resumed run's rate is not inflated by steps it did not run."""
     out: dict[str, Any] = {"step": step, "totalSteps": total,
-                           "percent": int(100 * step / total) if total else 0, "updatedAt": rfc3339_now()}
+                           "percent": min(100, int(100 * step / total)) if total else 0, "updatedAt": rfc3339_now()}
     if epoch is not None:
         out["epoch"] = round(float(epoch), 4)
     if steps_done > 0 and elapsed > 0:

@@ -114,21 +114,24 @@ def owner(name: str | None, namespace: str | None, env: Any = os.environ) -> dic
 
 
 def differences(theirs: dict[str, Any], ours: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted paths whose values differ, e.g. ``dataset.uri ('a' there, 'b' here)``."""
+    """Dotted paths whose values differ, e.g. ``dataset.uri ('a' there, 'b' here)``; a content
+    digest only when its uri is the same (else the uri says it)."""
     out = []
     for key in sorted(set(theirs) | set(ours)):
         a, b = theirs.get(key), ours.get(key)
         path = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
             out += differences(a, b, f"{path}.")
+        elif a != b and key in CONTENT:
+            section, what = CONTENT[key]
+            if (theirs.get(section) or {}).get("uri") == (ours.get(section) or {}).get("uri"):
+                out.append(f"the {what}'s content (the files at {section}.uri changed)")
         elif a != b:
-            if key == "datasetContent":
-                out.append("the dataset's content (the files at dataset.uri changed)")
-            elif key == "modelContent":
-                out.append("the model's content (the files at model.uri changed)")
-            else:
-                out.append(f"{path} ({_short(a)} there, {_short(b)} here)")
+            out.append(f"{path} ({_short(a)} there, {_short(b)} here)")
     return out
+
+
+CONTENT = {"datasetContent": ("dataset", "dataset"), "modelContent": ("model", "model")}
 
 
 def _short(value: Any) -> str:

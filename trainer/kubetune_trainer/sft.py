@@ -151,7 +151,12 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
         if preemption.requested:
             raise Preempted("SIGTERM before training started: nothing to save, a retry starts over")
         ctx.reporter.patch({"stage": f"training from step {resume[1] if resume else 0}"})
-        outcome = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        if resume and finished_checkpoint(resume[0]):
+            # Stopped (SIGTERM, a killed pod) after its last step was saved: HF would train one step past
+            # maxSteps from there, so the checkpoint is the final adapter and state, published as it is.
+            train_metrics = restore_finished(trainer, resume[0], progress)
+        else:
+            train_metrics = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None).metrics
         if preemption.requested:
             where = uploader.last["uri"] if uploader.last else "no checkpoint"
             raise Preempted(f"stopped on SIGTERM at step {trainer.state.global_step}; checkpoint {where}")
@@ -176,7 +181,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     if wandb_url:
         result["wandbUrl"] = wandb_url
     log_history = trainer.state.log_history
-    metrics = report.metrics_from(log_history, outcome.metrics, resumed=resume is not None)
+    metrics = report.metrics_from(log_history, train_metrics, resumed=resume is not None)
     if best.early_stopping or best.keep_best:
         metrics.update(bestStep=best.best_step, bestEvalLoss=best.best_loss, stoppedEarly=best.stopped_early)
     if best.keep_best and best.best_step not in (None, trainer.state.global_step):
@@ -370,6 +375,29 @@ def use_best_adapter(model: Any, store: Store, out: str, step: int, work: Path) 
         raise StorageError(f"the best checkpoint (step {step}) is missing or damaged in {out}: cannot publish it")
     set_peft_model_state_dict(model, load_file(str(local / "adapter_model.safetensors")))
     log.info("publishing the adapter of the best evaluation: step %d (training.keepBest)", step)
+
+
+def finished_checkpoint(folder: Path) -> bool:
+    """Whether a checkpoint was saved at the run's last step (its trainer state says so)."""
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return bool(state.get("max_steps")) and int(state.get("global_step", 0)) >= int(state["max_steps"])
+
+
+def restore_finished(trainer: Any, folder: Path, progress: Any) -> dict[str, Any]:
+    """Load a finished run's adapter weights and trainer state from its last checkpoint (no step is
+    trained) and replay its logged progress; returns no train() metrics (they would be this pod's)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(str(folder / "adapter_model.safetensors")))
+    trainer.state = TrainerState.load_from_json(str(folder / "trainer_state.json"))
+    for entry in trainer.state.log_history:
+        progress.on_log(None, trainer.state, None, logs=entry)
+    progress.on_train_end(None, trainer.state, None)
+    log.info("the checkpoint of step %d is the run's last step: publishing it without training",
+             trainer.state.global_step)
+    return {}
 
 
 def evaluated_at(log_history: list[dict[str, Any]], step: int) -> bool:
