@@ -411,7 +411,7 @@ class Training(ApiModel):
     """Upload a checkpoint every this many steps; a retried pod resumes from the latest."""
     keep_checkpoints: int = Field(default=2, ge=1, le=100)
     """Number of checkpoints kept in storage."""
-    watchdog: Watchdog = Field(default_factory=lambda: Watchdog(), json_schema_extra=EMPTY_DEFAULT)
+    watchdog: Watchdog = Field(default_factory=Watchdog, json_schema_extra=EMPTY_DEFAULT)
     """Stop a run that diverged or stalled instead of burning GPU hours."""
     early_stopping: EarlyStopping | None = None
     """Stop when the evaluation loss stops improving (needs dataset.eval)."""

@@ -366,15 +366,20 @@ def eval_subset(rows: Any, max_samples: int | None, seed: int) -> Any:
 def use_best_adapter(model: Any, store: Store, out: str, step: int, work: Path) -> None:
     """training.keepBest: load the adapter weights of the best evaluation's checkpoint (kept in
     storage, checked against its sha256) into the model, so that adapter is the one published."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     pointer = checkpoints.folder_pointer(store, out, step)
     local = checkpoints.fetch(store, pointer, work / "best") if pointer else None
     if local is None:
         raise StorageError(f"the best checkpoint (step {step}) is missing or damaged in {out}: cannot publish it")
-    set_peft_model_state_dict(model, load_file(str(local / "adapter_model.safetensors")))
+    load_adapter_weights(model, local)
     log.info("publishing the adapter of the best evaluation: step %d (training.keepBest)", step)
+
+
+def load_adapter_weights(model: Any, checkpoint: Path) -> None:
+    """The LoRA weights of a Trainer checkpoint folder into the (PEFT) model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
 
 
 def finished_checkpoint(folder: Path) -> bool:
@@ -386,11 +391,9 @@ def finished_checkpoint(folder: Path) -> bool:
 def restore_finished(trainer: Any, folder: Path, progress: Any) -> dict[str, Any]:
     """Load a finished run's adapter weights and trainer state from its last checkpoint (no step is
     trained) and replay its logged progress; returns no train() metrics (they would be this pod's)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
     from transformers import TrainerState
 
-    set_peft_model_state_dict(trainer.model, load_file(str(folder / "adapter_model.safetensors")))
+    load_adapter_weights(trainer.model, folder)
     trainer.state = TrainerState.load_from_json(str(folder / "trainer_state.json"))
     for entry in trainer.state.log_history:
         progress.on_log(None, trainer.state, None, logs=entry)
