@@ -77,6 +77,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import realnode  # noqa: E402  (hack/realnode.py: the real node)
+
 HACK_DIR = Path(__file__).resolve().parent
 REPO_ROOT = HACK_DIR.parent
 WRAPPER_DIR = HACK_DIR / "k8s"
@@ -145,8 +148,10 @@ def _stamp_text(version: str) -> str:
     return json.dumps({"k8s": version, "kwok": KWOK_VERSION}, sort_keys=True)
 
 
-def is_built(version: str = K8S_VERSION) -> bool:
+def is_built(version: str = K8S_VERSION, real_node: bool = False) -> bool:
     b = bin_dir(version)
+    if real_node and not realnode.is_built(b):
+        return False
     stamp = b / ".complete"
     try:
         if stamp.read_text() != _stamp_text(version):
@@ -278,7 +283,7 @@ def generate_wrapper_module(version: str = K8S_VERSION, directory: Path = WRAPPE
         ")",
         "",
         "tool (",
-        *[f"\tk8s.io/kubernetes/cmd/{c}" for c in KUBE_CMDS],
+        *[f"\tk8s.io/kubernetes/cmd/{c}" for c in KUBE_CMDS + ("kubelet", "kube-proxy")],
         f"\t{ETCD_PKG}",
         ")",
         "",
@@ -335,23 +340,35 @@ def _version_ldflags(version: str) -> str:
     return " ".join(flags)
 
 
-def build(version: str = K8S_VERSION, regen: bool = False, force: bool = False) -> Path:
+def build(version: str = K8S_VERSION, regen: bool = False, force: bool = False, real_node: bool = False) -> Path:
     """Build the binaries into the cache; a no-op when they are already there.
 
     Concurrent callers (pytest + make) serialize on a lock file; the second one
     finds the binaries built.
     """
     out = bin_dir(version)
-    if not force and not regen and is_built(version):
+    if not force and not regen and is_built(version, real_node):
         return out
     out.mkdir(parents=True, exist_ok=True)
     import fcntl
 
     with open(out.parent / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not force and not regen and is_built(version):
+        if not force and not regen and is_built(version, real_node):
             return out
-        return _build_locked(version, regen, force, out)
+        if is_built(version) and not force and not regen:  # only the node's binaries are missing
+            realnode.build(sys.modules[__name__], out, _wrapper_dir(version), version)
+            return out
+        _build_locked(version, regen, force, out)
+        if real_node:
+            realnode.build(sys.modules[__name__], out, _wrapper_dir(version), version)
+        return out
+
+
+def _wrapper_dir(version: str) -> Path:
+    """The checked-in wrapper (go.mod + go.sum) is for PINNED_K8S_VERSION; another version gets a
+    generated wrapper module in the cache."""
+    return WRAPPER_DIR if version == PINNED_K8S_VERSION else cache_dir() / f"k8s-{version}" / "wrapper"
 
 
 def _system_etcd() -> str | None:
@@ -365,9 +382,7 @@ def _build_locked(version: str, regen: bool, force: bool, out: Path) -> Path:
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     (out / ".complete").unlink(missing_ok=True)
-    # the checked-in wrapper (go.mod + go.sum) is for PINNED_K8S_VERSION; another version
-    # gets a generated wrapper module in the cache
-    wrapper = WRAPPER_DIR if version == PINNED_K8S_VERSION else cache_dir() / f"k8s-{version}" / "wrapper"
+    wrapper = _wrapper_dir(version)
     if regen or not (wrapper / "go.sum").exists():
         generate_wrapper_module(version, wrapper)
         mod_mode = "mod"  # lets go fill go.sum (and the indirect requirements)
@@ -422,8 +437,10 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise RuntimeError(f"openssl {' '.join(args)} failed: {r.stderr}")
 
 
-def _make_pki(pki: Path) -> None:
-    """CA, apiserver serving cert, client certs, service-account signing key (all ECDSA P-256)."""
+def _make_pki(pki: Path, real_node: bool = False) -> None:
+    """CA, apiserver serving cert, client certs, service-account signing key (all ECDSA P-256).
+    With ``real_node``: the kubelet's client and serving certs, kube-proxy's, CoreDNS's and the API
+    server's client cert for the kubelet (logs, exec), and the node IP in the API server's cert."""
     pki.mkdir(parents=True, exist_ok=True)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     _openssl(
@@ -448,12 +465,27 @@ def _make_pki(pki: Path) -> None:
         "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
         "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
     )
+    if real_node:
+        san += f",IP:{realnode.NODE_IP}"
     certs = {
         "apiserver": ("/CN=kube-apiserver", f"{san}\nextendedKeyUsage=serverAuth\n"),
         "admin": ("/O=system:masters/CN=kubetune-admin", "extendedKeyUsage=clientAuth\n"),
         "controller-manager": ("/CN=system:kube-controller-manager", "extendedKeyUsage=clientAuth\n"),
         "scheduler": ("/CN=system:kube-scheduler", "extendedKeyUsage=clientAuth\n"),
     }
+    if real_node:
+        certs.update({
+            "kubelet": (f"/O=system:nodes/CN=system:node:{realnode.NODE_NAME}", "extendedKeyUsage=clientAuth\n"),
+            "kubelet-serving": (
+                f"/CN={realnode.NODE_NAME}",
+                f"subjectAltName=IP:{realnode.NODE_IP},DNS:{realnode.NODE_NAME}\nextendedKeyUsage=serverAuth\n",
+            ),
+            "kube-proxy": ("/CN=system:kube-proxy", "extendedKeyUsage=clientAuth\n"),
+            # the bootstrap policy has no role for CoreDNS; a local DNS server may read as admin
+            "coredns": ("/O=system:masters/CN=coredns", "extendedKeyUsage=clientAuth\n"),
+            "apiserver-kubelet-client": ("/O=system:masters/CN=kube-apiserver-kubelet-client",
+                                         "extendedKeyUsage=clientAuth\n"),
+        })
     for name, (subj, ext) in certs.items():
         (pki / f"{name}.ext").write_text(
             "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n" + ext
@@ -733,6 +765,7 @@ class LocalCluster:
         self._stopped = False
         self.timings: dict[str, float] = {}  # startup phase -> seconds
         self._background = False
+        self.real_node = False  # kubelet + containerd + kube-proxy + CoreDNS (hack/realnode.py)
 
     # -- well-known paths
     @property
@@ -782,8 +815,13 @@ class LocalCluster:
         runner_taints: list[dict] | None = None,
         timeout: float = 90.0,
         keep_run_dir_on_failure: bool = False,
+        real_node: bool = False,
     ) -> LocalCluster:
         """Start etcd, kube-apiserver, controller-manager, scheduler and kwok; wait until ready.
+
+        ``real_node=True`` adds a node run by a real kubelet with containerd, kube-proxy and CoreDNS
+        (:mod:`realnode`; root, Debian packages and the images of ``hack/images.sh``) instead of the
+        pod runner's ``runner-node``; kwok's fake nodes stay.
 
         ``background=True`` (used by ``up``) detaches the components so they outlive this
         process; otherwise they get SIGTERM (PR_SET_PDEATHSIG) when the thread that called
@@ -792,8 +830,8 @@ class LocalCluster:
         Raises :class:`ComponentError` naming the component that failed.
         """
         if build_if_needed:
-            build(version)
-        elif not is_built(version):
+            build(version, real_node=real_node)
+        elif not is_built(version, real_node=real_node):
             raise BuildError(f"binaries for {version} not built; run: python hack/cluster.py build")
         t0 = time.monotonic()
         for attempt in range(3):
@@ -806,6 +844,7 @@ class LocalCluster:
                     nodes if nodes is not None else default_nodes(runner_taints),
                     timeout,
                     keep_run_dir_on_failure,
+                    real_node,
                 )
                 break
             except ComponentError as e:
@@ -829,6 +868,7 @@ class LocalCluster:
         nodes: list[dict],
         timeout: float,
         keep_run_dir_on_failure: bool,
+        real_node: bool = False,
     ) -> LocalCluster:
         run_dir = Path(tempfile.mkdtemp(prefix="kubetune-k8s-"))
         ports = {
@@ -842,6 +882,10 @@ class LocalCluster:
         ports.update(port_overrides)
         self = cls(run_dir, ports, {}, version=version)
         self._background = background
+        self.real_node = real_node
+        if real_node:
+            nodes = [n for n in nodes if n["metadata"]["name"] != RUNNER_NODE]  # the kubelet's node replaces it
+            timeout += 60
         try:
             self._start(extra_args, nodes, time.monotonic() + timeout)
         except BaseException as e:
@@ -853,14 +897,16 @@ class LocalCluster:
         return self
 
     def _spawn(self, name: str, args: list[str], extra: dict[str, list[str]]) -> subprocess.Popen:
-        exe = bin_dir(self.version) / name
+        return self._spawn_exe(name, str(bin_dir(self.version) / name), [*args, *extra.get(name, [])])
+
+    def _spawn_exe(self, name: str, exe: str, args: list[str]) -> subprocess.Popen:
         log = self.log_file(name)
         log.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(exe, os.X_OK):
             raise ComponentError(name, f"binary {exe} missing; run: python hack/cluster.py build")
         with open(log, "ab") as lf:
             p = subprocess.Popen(
-                [str(exe), *args, *extra.get(name, [])],
+                [exe, *args],
                 cwd=self.run_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=lf,
@@ -900,7 +946,7 @@ class LocalCluster:
     def _start(self, extra: dict[str, list[str]], nodes: list[dict], deadline: float) -> None:
         rd, pki, p = self.run_dir, self.run_dir / "pki", self.ports
         t0 = time.monotonic()
-        _make_pki(pki)
+        _make_pki(pki, self.real_node)
         self.timings["pki"] = round(time.monotonic() - t0, 2)
         self.kubeconfig.write_text(
             _kubeconfig_text(
@@ -913,7 +959,8 @@ class LocalCluster:
                 },
             )
         )
-        for comp in ("controller-manager", "scheduler"):
+        node_users = ("kubelet", "kube-proxy", "coredns") if self.real_node else ()
+        for comp in ("controller-manager", "scheduler", *node_users):
             (rd / f"{comp}.kubeconfig").write_text(
                 _kubeconfig_text(
                     self.server,
@@ -947,8 +994,6 @@ class LocalCluster:
             "kube-apiserver",
             [
                 f"--etcd-servers={self.etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
                 f"--secure-port={p['kube-apiserver']}",
                 f"--cert-dir={pki}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
@@ -969,7 +1014,7 @@ class LocalCluster:
                 "--disable-admission-plugins=TaintNodesByCondition",
                 "--profiling=false",
                 "--v=0",
-                "--endpoint-reconciler-type=none",
+                *self._apiserver_node_args(),
             ],
             extra,
         )
@@ -1062,6 +1107,32 @@ class LocalCluster:
             deadline,
             "default ServiceAccount created",
         )
+        if self.real_node:
+            realnode.start(self, deadline, self.pause_image())
+
+    def _apiserver_node_args(self) -> list[str]:
+        """Loopback only, no endpoints for the `kubernetes` Service -- unless a real node runs pods,
+        which reach the API server through that Service at the node's address."""
+        if not self.real_node:
+            return ["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none"]
+        pki = self.run_dir / "pki"
+        return [
+            "--bind-address=0.0.0.0",
+            f"--advertise-address={realnode.NODE_IP}",
+            "--endpoint-reconciler-type=lease",
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+        ]
+
+    @staticmethod
+    def pause_image() -> str:
+        """The sandbox image ``hack/images.sh`` built (``$KUBETUNE_CACHE/images/images.env``)."""
+        env = cache_dir() / "images" / "images.env"
+        for line in env.read_text().splitlines() if env.exists() else []:
+            if line.startswith("PAUSE_IMAGE="):
+                return line.split("=", 1)[1].strip()
+        raise ComponentError("containerd", f"no sandbox image: {env} has no PAUSE_IMAGE; run: bash hack/images.sh")
 
     def _readyz(self) -> bool:
         return _http(f"{self.server}/readyz", self.ssl_context(), timeout=2)[0] == 200
@@ -1085,6 +1156,15 @@ class LocalCluster:
         """Stop all components (reverse order) and delete the run dir.  Idempotent."""
         if self._stopped:
             return
+        for name in ("coredns", "kube-proxy", "kubelet"):
+            info = self.processes.get(name)
+            if info:
+                _terminate(info["pid"], info.get("start_time"), reap=self._popen.get(name))
+        if "containerd" in self.processes:
+            realnode.cleanup(self.run_dir)
+            info = self.processes["containerd"]
+            _terminate(info["pid"], info.get("start_time"), reap=self._popen.get("containerd"))
+            realnode.stop_leftover_shims()
         for name in reversed(COMPONENTS):
             info = self.processes.get(name)
             if info:
@@ -1114,15 +1194,16 @@ class LocalCluster:
             "ca_file": str(self.ca_file),
             "ports": self.ports,
             "processes": self.processes,
+            "real_node": self.real_node,
         }
 
     @classmethod
     def attach(cls, path: Path | str | None = None) -> LocalCluster:
         """Handle on the cluster described by the state file written by ``up``."""
         st = json.loads(Path(path or state_file()).read_text())
-        return cls(
-            Path(st["run_dir"]), st["ports"], st["processes"], version=st.get("version", K8S_VERSION), owned=False
-        )
+        c = cls(Path(st["run_dir"]), st["ports"], st["processes"], version=st.get("version", K8S_VERSION), owned=False)
+        c.real_node = bool(st.get("real_node"))
+        return c
 
     def component_status(self) -> dict[str, bool]:
         return {n: _alive(i["pid"], i.get("start_time")) for n, i in self.processes.items()}
@@ -1264,7 +1345,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _log("stale state file found; cleaning up")
         existing.stop()
         state_file().unlink(missing_ok=True)
-    c = LocalCluster.start(background=True, timeout=args.timeout)
+    c = LocalCluster.start(background=True, timeout=args.timeout, real_node=args.real_node)
     sf = state_file()
     sf.parent.mkdir(parents=True, exist_ok=True)
     tmp = sf.with_suffix(".tmp")
@@ -1319,7 +1400,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    out = build(args.version, regen=args.regen, force=args.force)
+    out = build(args.version, regen=args.regen, force=args.force, real_node=args.real_node)
     _log(f"{out} ({time.monotonic() - t0:.2f}s)")
     return 0
 
@@ -1331,8 +1412,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--version", default=K8S_VERSION)
     b.add_argument("--regen", action="store_true", help="regenerate hack/k8s/go.mod from k8s.io/kubernetes' go.mod")
     b.add_argument("--force", action="store_true")
+    b.add_argument("--real-node", action="store_true", help="also kubelet, kube-proxy and CoreDNS")
     u = sub.add_parser("up", help="start the cluster in the background")
     u.add_argument("--timeout", type=float, default=120.0)
+    u.add_argument("--real-node", action="store_true", help="a node run by a real kubelet (hack/realnode.py)")
     sub.add_parser("down", help="stop the cluster")
     sub.add_parser("status", help="show component status")
     sub.add_parser("env", help="print export KUBECONFIG=...")

@@ -47,13 +47,15 @@ class S3Server:
     for fault tests; moto keeps objects in memory, so data does not survive a restart unless
     ``in_process=True`` (a threaded server in this process whose state survives restarts)."""
 
-    def __init__(self, port: int | None = None, in_process: bool = False, log_dir: Path | None = None):
+    def __init__(self, port: int | None = None, in_process: bool = False, log_dir: Path | None = None,
+                 host: str = "127.0.0.1"):
+        self.host = host  # the real node's pods reach it on the node's bridge address
         self.port = port or free_port()
         self.in_process = in_process
         self.log_dir = log_dir
         self._proc: subprocess.Popen | None = None  # type: ignore[type-arg]
         self._thread_server = None
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"http://{host}:{self.port}"
         self.env = {
             "AWS_ACCESS_KEY_ID": ACCESS_KEY,
             "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
@@ -64,12 +66,12 @@ class S3Server:
         if self.in_process:
             from moto.server import ThreadedMotoServer
 
-            self._thread_server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+            self._thread_server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
             self._thread_server.start()
         else:
             out = open(self.log_dir / f"s3-{self.port}.log", "ab") if self.log_dir else subprocess.DEVNULL
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         wait_http(f"{self.endpoint}/moto-api/", 30, "the S3 server (moto)", self._proc)
