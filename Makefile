@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install system-deps test test-unit lint crds demo cluster-up cluster-down cluster-build bench e2e-kind lock clean
+.PHONY: help install system-deps test test-unit lint crds demo demo-real cluster-up cluster-down cluster-build bench e2e-kind lock clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -18,11 +18,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt hack/install.sh
 
 install: $(VENV)/.installed system-deps ## create .venv and install kubetune with every extra (pinned by constraints.txt)
 
-system-deps: ## Debian packages the tests use (lua5.4 runs the Argo CD health checks)
-	@command -v lua5.4 >/dev/null || { echo "installing lua5.4 (apt)"; (apt-get update -qq && apt-get install -y -qq lua5.4) >/dev/null; }
+system-deps: ## Debian packages the tests use (lua5.4: Argo CD health checks; the rest: the real node and its images)
+	@bash hack/system-deps.sh
 
-cluster-build: ## build the local control plane (kube-apiserver, controller-manager, scheduler, kwok, etcd) once, cached
-	python3 hack/cluster.py build
+cluster-build: ## build the local control plane (+ kubelet, kube-proxy, CoreDNS for the real node) once, cached
+	python3 hack/cluster.py build --real-node
 	bash hack/build-helm.sh
 
 test: install cluster-build ## all tests: unit, integration (real apiserver + S3), e2e, slow (SmolLM2)
@@ -40,6 +40,9 @@ crds: ## regenerate crds/, the chart's CRDs and docs/api.md from kubetune/api.py
 
 demo: install cluster-build ## the main job: local cluster + S3, operator, a real SmolLM2 QLoRA FineTuneJob and its MergeJob
 	$(PY) hack/demo.py
+
+demo-real: install cluster-build ## the demo on the real node: pods in containers (images from the Dockerfile), operator from the chart (root)
+	$(PY) hack/demo.py --real-node
 
 cluster-up: install cluster-build ## start the local control plane in the background (see `python hack/cluster.py env`)
 	$(PY) hack/cluster.py up

@@ -228,33 +228,48 @@ def run_demo(args: argparse.Namespace, workdir: Path) -> int:
 
     t0 = time.monotonic()
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    local = runner = s3 = None
+    local = runner = s3 = real = None
     try:
-        say("starting the local Kubernetes control plane (hack/cluster.py; the first run builds it)")
-        local = cluster.LocalCluster.start()
-        kc = local.kubeconfig
-        say(f"cluster up: {local.server}  (export KUBECONFIG={kc})")
+        if args.real_node:
+            import realnode_env
 
-        say("starting the S3 server and preparing SmolLM2-135M-Instruct (cached after the first run)")
-        port = 9000 if _port_free(9000) else localenv.free_port()
-        s3 = localenv.S3Server(port=port, log_dir=workdir).start()
+            say("building the images (cached), starting the control plane with the real node (kubelet + "
+                "containerd), S3 on the node's address and `helm install` of the chart")
+            real = realnode_env.RealNodeEnv.start(workdir)
+            local, s3 = real.cluster, real.s3
+            say(f"up in {time.monotonic() - t0:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in real.timings.items())})"
+                f": export KUBECONFIG={local.kubeconfig}")
+        else:
+            say("starting the local Kubernetes control plane (hack/cluster.py; the first run builds it)")
+            local = cluster.LocalCluster.start()
+            say(f"cluster up: {local.server}  (export KUBECONFIG={local.kubeconfig})")
+            port = 9000 if _port_free(9000) else localenv.free_port()
+            s3 = localenv.S3Server(port=port, log_dir=workdir).start()
+        kc = local.kubeconfig
+
+        say("preparing SmolLM2-135M-Instruct in S3 (cached after the first run)")
         model_dir = localenv.smollm2_dir()
         s3.make_bucket(DEMO_BUCKET)
         model_uri = s3.upload_dir(model_dir, DEMO_BUCKET, "models/smollm2-135m-instruct")
         s3.client().put_object(Bucket=DEMO_BUCKET, Key="data/kubetune-qa.jsonl", Body=demo_rows().encode())
         say(f"S3 at {s3.endpoint}: {model_uri}, s3://{DEMO_BUCKET}/data/kubetune-qa.jsonl")
 
-        say("installing the CRDs, the operator's ServiceAccount (chart ClusterRole) and the storage Secret")
-        install_crds(kc)
+        op_log = workdir / "operator.log"
+        if real is None:
+            say("installing the CRDs, the operator's ServiceAccount (chart ClusterRole) and the storage Secret")
+            install_crds(kc)
         create_namespace(local, DEMO_NAMESPACE)
         apply(kc, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": DEMO_SECRET},
                    "stringData": dict(s3.env)}, namespace=DEMO_NAMESPACE)
-        op_log = workdir / "operator.log"
-        procs["operator"] = start_operator(operator_kubeconfig(local, DEMO_NAMESPACE), DEMO_NAMESPACE, op_log)
-        runner = podrunner.PodRunner(kc, node="runner-node", workdir=workdir,
-                                     log_dir=workdir / "pod-logs", extra_env=OFFLINE_ENV).start()
-        say(f"operator running (log {op_log}); pod runner playing kubelet for runner-node "
-            f"(pod logs in {runner.log_dir})")
+        if real is None:
+            procs["operator"] = start_operator(operator_kubeconfig(local, DEMO_NAMESPACE), DEMO_NAMESPACE, op_log)
+            runner = podrunner.PodRunner(kc, node="runner-node", workdir=workdir,
+                                         log_dir=workdir / "pod-logs", extra_env=OFFLINE_ENV).start()
+            say(f"operator running (log {op_log}); pod runner playing kubelet for runner-node "
+                f"(pod logs in {runner.log_dir})")
+        else:
+            say("the chart's operator runs in kubetune-system; pods run in containers on kubetune-node "
+                f"(kubectl get pods -A -o wide; kubectl logs -n {DEMO_NAMESPACE} ...)")
 
         ftj = yaml.safe_load((REPO / "examples" / "demo-finetune.yaml").read_text())
         ftj["spec"]["storage"]["endpoint"] = s3.endpoint
@@ -266,7 +281,7 @@ def run_demo(args: argparse.Namespace, workdir: Path) -> int:
         apply(kc, ftj, namespace=DEMO_NAMESPACE)
         st = watch(kc, "finetunejob", DEMO_NAMESPACE, name, args.timeout, procs)
         if st.get("phase") != "Succeeded":
-            _explain_failure(st, runner, op_log)
+            _explain_failure(st, runner, op_log, real)
             return 1
 
         mj = yaml.safe_load((REPO / "examples" / "demo-merge.yaml").read_text())
@@ -274,7 +289,7 @@ def run_demo(args: argparse.Namespace, workdir: Path) -> int:
         apply(kc, mj, namespace=DEMO_NAMESPACE)
         ms = watch(kc, "mergejob", DEMO_NAMESPACE, mj["metadata"]["name"], args.timeout, procs)
         if ms.get("phase") != "Succeeded":
-            _explain_failure(ms, runner, op_log)
+            _explain_failure(ms, runner, op_log, real)
             return 1
 
         say("artifacts")
@@ -309,10 +324,13 @@ def run_demo(args: argparse.Namespace, workdir: Path) -> int:
             runner.stop(timeout=10)
         for proc in procs.values():
             stop_process(proc)
-        if s3 is not None:
-            s3.stop()
-        if local is not None:
-            local.stop()
+        if real is not None:
+            real.stop()
+        else:
+            if s3 is not None:
+                s3.stop()
+            if local is not None:
+                local.stop()
 
 
 def _port_free(port: int) -> bool:
@@ -322,10 +340,16 @@ def _port_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _explain_failure(status: dict[str, Any], runner: Any, operator_log: Path) -> None:
+def _explain_failure(status: dict[str, Any], runner: Any, operator_log: Path, real: Any = None) -> None:
     import podrunner
 
     print(f"FAILED: {status.get('phase')}: {status.get('message')}", file=sys.stderr)
+    if real is not None:
+        pods = real.cluster.kubectl("get", "pods", "-n", DEMO_NAMESPACE, "-o", "name", check=False).stdout.split()
+        for pod in pods:
+            log = real.cluster.kubectl("logs", "-n", DEMO_NAMESPACE, pod, "--tail=40", check=False)
+            print(f"--- {pod} ---\n{log.stdout}{log.stderr}", file=sys.stderr)
+        print(f"--- operator ---\n{real.operator_logs(30)}", file=sys.stderr)
     for run in list(runner.runs.values()) if runner else []:
         if run.log_path.exists():
             print(f"--- {run.name} ({run.log_path}) ---\n{podrunner.log_tail(run.log_path.read_text(), 40, 6000)}",
@@ -341,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600,
                     help="seconds allowed per job (default 3600: a busy 2-core machine is slow)")
     ap.add_argument("--keep", action="store_true", help="leave everything up until Enter is pressed")
+    ap.add_argument("--real-node", action="store_true",
+                    help="pods in containers on a real kubelet + containerd node, images built from the Dockerfile, "
+                         "the operator from the chart (root; see docs/e2e.md)")
     ap.add_argument("--workdir", type=Path, help="keep logs and pod folders here (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     os.environ.update(OFFLINE_ENV)

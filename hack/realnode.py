@@ -199,11 +199,14 @@ def kubelet_config(c: LocalCluster, ports: dict[str, int]) -> dict:
         "clusterDNS": [NODE_IP],
         "clusterDomain": "cluster.local",
         "resolvConf": str(c.run_dir / "node" / "resolv.conf"),
-        # the trainer image cannot be pulled again: never garbage-collect images, evict only when
-        # the machine is really out of memory or disk
+        # The images cannot be pulled again: never garbage-collect them. Disk pressure would make
+        # the kubelet delete every image no running pod uses (seen: a build elsewhere on the
+        # machine filled the disk and the trainer image was gone), so it is declared only when the
+        # disk is really full, in absolute terms, not as a share of a large shared disk.
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
-        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "2%", "imagefs.available": "2%"},
+        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "512Mi", "imagefs.available": "512Mi",
+                         "nodefs.inodesFree": "1%", "imagefs.inodesFree": "1%"},
         "serializeImagePulls": False,
         "maxPods": 110,
         "rotateCertificates": False,
@@ -278,8 +281,11 @@ def start(c: LocalCluster, deadline: float, pause_image: str) -> None:
     c._wait("containerd", lambda: _ctr("version", check=False).returncode == 0, deadline, "ctr version")
     # the images hack/images.sh built (pause, operator, trainer) go into this containerd; a no-op
     # when they are there already (the content store outlives the node)
+    t0 = time.monotonic()
     load = subprocess.run(["bash", str(Path(__file__).with_name("images.sh")), "load", "--address",
                            str(containerd_socket())], capture_output=True, text=True)
+    c.timings["containerd: load images"] = round(time.monotonic() - t0, 2)
+    deadline += time.monotonic() - t0  # a cold import of the trainer image (GBs) takes minutes
     if load.returncode != 0:
         raise cm.ComponentError("containerd", "loading the images failed (run: bash hack/images.sh build)",
                                 (load.stdout + load.stderr)[-3000:])

@@ -106,6 +106,7 @@ class System:
     bad_dataset_uri: str
     operator_log: Path | None = None
     runner: podrunner.PodRunner | None = None
+    operator_logs: Callable[[], str] | None = None  # the chart's operator (real node)
 
     def resource(self, plural: str, name: str) -> dict[str, Any] | None:
         return self.cluster.get(f"/apis/kubetune.dev/v1alpha1/namespaces/{self.namespace}/{plural}/{name}")
@@ -132,6 +133,14 @@ class System:
         parts = []
         if self.operator_log and self.operator_log.exists():
             parts.append("--- operator log (tail) ---\n" + podrunner.log_tail(self.operator_log.read_text(), 60, 8000))
+        if self.operator_logs is not None:
+            parts.append("--- operator log (tail) ---\n" + self.operator_logs())
+        if self.runner is None and self.cluster.local is not None:  # real kubelet: kubectl logs
+            for pod in self.pods(""):
+                name = pod["metadata"]["name"]
+                r = self.cluster.kubectl("logs", "-n", self.namespace, name, "--tail=40", check=False)
+                state = [c.get("state") for c in (pod.get("status") or {}).get("containerStatuses") or []]
+                parts.append(f"--- pod {name} ({pod['status'].get('phase')}, {state}) ---\n{r.stdout}{r.stderr}")
         if self.runner is not None:
             for run in list(self.runner.runs.values()):
                 if run.namespace == self.namespace and run.log_path.exists():

@@ -189,3 +189,10 @@ def test_suspend_keeps_checkpoint_and_resume_continues(system: System) -> None:
         m = re.search(r"resuming from step (\d+)", runs[-1].log_path.read_text())
         assert m, f"no resume line in {runs[-1].log_path}"
         assert int(m.group(1)) >= saved_step
+    else:  # a real kubelet: the resumed pod's log, through the API server
+        pods = sorted(system.pods(selector), key=lambda p: p["metadata"]["creationTimestamp"])
+        assert len(pods) >= 1
+        log = system.cluster.kubectl("logs", "-n", system.namespace, pods[-1]["metadata"]["name"]).stdout
+        m = re.search(r"resuming from step (\d+)", log)
+        assert m, log[-3000:]
+        assert int(m.group(1)) >= saved_step
