@@ -33,10 +33,16 @@ def test_hadolint_passes():
 
 def test_two_targets_non_root_install_script():
     stages = _stages()
-    assert set(stages) == {"operator", "trainer"}
-    for name, lines in stages.items():
+    assert set(stages) == {"requirements", "operator", "trainer"}  # requirements: the extras' lists
+    for name in ("operator", "trainer"):
+        lines = stages[name]
         text = "\n".join(lines)
-        assert f"bash hack/install.sh {name}" in text
+        assert f"bash hack/install.sh {name} deps" in text and f"bash hack/install.sh {name} self" in text
+        # the dependencies (torch + CUDA: GBs) install before any source is copied, so a source
+        # change rebuilds only the last layers
+        deps = next(i for i, ln in enumerate(lines) if "install.sh {} deps".format(name) in ln)
+        sources = min(i for i, ln in enumerate(lines) if re.match(r"COPY (kubetune|operator|trainer) ", ln))
+        assert deps < sources, name
         users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
         assert users and users[-1] == "1000:1000", name  # the uid the pod securityContext asks for
         assert not re.search(r"(?i)(AWS_SECRET|API_KEY|TOKEN)\s*=", text), "no secrets in images"
