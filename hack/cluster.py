@@ -43,6 +43,10 @@ whose default stages make pods Running and Job pods Succeeded.
 ``runner-node`` (label ``kubetune.dev/runner=true``, 8 GPUs) is NOT managed by
 kwok: ``hack/podrunner.py`` plays kubelet for pods bound to it.
 
+With ``real_node=True`` (``up --real-node``) ``runner-node`` is replaced by ``kubetune-node``, run
+by a real kubelet with containerd, kube-proxy and CoreDNS (``hack/realnode.py``,
+docs/real-node.md); the API server then also listens on the node's bridge address.
+
 Node health choice: the ``node-lifecycle-controller`` is disabled and the
 ``TaintNodesByCondition`` admission plugin is turned off, so no node is ever
 tainted not-ready/unreachable and no pod is evicted because a heartbeat is

@@ -120,6 +120,8 @@ def real_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     why = real_node_unavailable()
     if wanted == "0":
         pytest.skip("KUBETUNE_REAL_NODE=0")
+    if EXISTING_KUBECONFIG:
+        pytest.skip("an existing cluster (KUBETUNE_E2E_KUBECONFIG): its kubelets run the [podrunner] tests")
     if why:
         if wanted == "1":
             pytest.fail(f"KUBETUNE_REAL_NODE=1 but the real node cannot run here: {why}")

@@ -40,7 +40,7 @@ def test_two_targets_non_root_install_script():
         assert f"bash hack/install.sh {name} deps" in text and f"bash hack/install.sh {name} self" in text
         # the dependencies (torch + CUDA: GBs) install before any source is copied, so a source
         # change rebuilds only the last layers
-        deps = next(i for i, ln in enumerate(lines) if "install.sh {} deps".format(name) in ln)
+        deps = next(i for i, ln in enumerate(lines) if f"install.sh {name} deps" in ln)
         sources = min(i for i, ln in enumerate(lines) if re.match(r"COPY (kubetune|operator|trainer) ", ln))
         assert deps < sources, name
         users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
