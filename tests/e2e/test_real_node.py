@@ -168,3 +168,25 @@ def test_services_resolve_by_name_and_route_through_kube_proxy(real_system: Syst
     assert pod["status"]["phase"] == "Succeeded", log
     svc = real_system.cluster.get("/api/v1/namespaces/kubetune-system/services/kubetune-metrics")
     assert f"svc {svc['spec']['clusterIP']}" in log and "metrics True" in log and "api 200" in log, log
+
+
+def test_more_gpus_than_the_node_has_is_reported_unschedulable(real_system: System) -> None:
+    """The real node advertises 8 nvidia.com/gpu: a job asking 16 on it stays Pending with the
+    scheduler's reason in status and a Warning Event, and no container starts."""
+    name = "too-many-gpus"
+    spec = finetune(real_system, name)
+    spec["spec"]["resources"]["gpus"] = 16
+    real_system.cluster.apply(spec, namespace=real_system.namespace)
+
+    def unschedulable() -> dict[str, Any] | None:
+        obj = real_system.resource(FTJ, name) or {}
+        conds = (obj.get("status") or {}).get("conditions") or []
+        return obj if any(c.get("reason") == "Unschedulable" for c in conds) else None
+
+    obj = wait_for(unschedulable, 120, "Unschedulable in the status", interval=1.0)
+    assert obj["status"]["phase"] == "Pending"
+    assert "nvidia.com/gpu" in obj["status"]["message"], obj["status"]
+    wait_for(lambda: any(e["type"] == "Warning" and e["reason"] == "Unschedulable"
+                         for e in events_for(real_system, name)), 60, "a Warning Event")
+    assert not pod_of(real_system, name).get("spec", {}).get("nodeName")
+    real_system.cluster.kubectl("delete", "finetunejob", name, "-n", real_system.namespace, "--wait=false")
