@@ -1,6 +1,6 @@
 """Fixtures for the pod-runner and end-to-end tests.
 
-Two ways to get a cluster, one switch:
+Three ways to get a cluster:
 
 * default: a real local control plane (``hack/cluster.py``: etcd, kube-apiserver,
   controller-manager, scheduler, kwok) plus the pod runner (``hack/podrunner.py``) playing
