@@ -29,6 +29,20 @@ def events_for(system: System, name: str) -> list[dict[str, Any]]:
     return list(r.get("items", []))
 
 
+def wait_reported(system: System, name: str, reason: str, timeout: float) -> dict[str, Any]:
+    """Wait until a FineTuneJob's conditions carry ``reason`` and a Warning Event says it too."""
+
+    def reported() -> dict[str, Any] | None:
+        obj = system.resource(FTJ, name) or {}
+        conds = (obj.get("status") or {}).get("conditions") or []
+        return obj if any(c.get("reason") == reason for c in conds) else None
+
+    obj = wait_for(reported, timeout, f"{reason} in the status", interval=1.0)
+    wait_for(lambda: any(e["type"] == "Warning" and e["reason"] == reason for e in events_for(system, name)),
+             60, f"a Warning Event {reason}")
+    return obj
+
+
 def pod_of(system: System, name: str) -> dict[str, Any]:
     pods = system.pods(f"kubetune.dev/job-name={name}")
     assert pods, f"no pod for {name}"
@@ -96,16 +110,9 @@ def test_missing_image_is_reported_as_imagepullbackoff(real_system: System) -> N
     spec["spec"]["image"] = "registry.invalid/kubetune/trainer:does-not-exist"
     real_system.cluster.apply(spec, namespace=real_system.namespace)
 
-    def backoff() -> dict[str, Any] | None:
-        obj = real_system.resource(FTJ, name) or {}
-        conds = (obj.get("status") or {}).get("conditions") or []
-        return obj if any(c.get("reason") == "ImagePullBackOff" for c in conds) else None
-
-    obj = wait_for(backoff, 180, "ImagePullBackOff in the status", interval=1.0)
+    obj = wait_reported(real_system, name, "ImagePullBackOff", 180)
     assert obj["status"]["phase"] == "Pending"
     assert "registry.invalid/kubetune/trainer:does-not-exist" in obj["status"]["message"], obj["status"]
-    wait_for(lambda: any(e["type"] == "Warning" and e["reason"] == "ImagePullBackOff"
-                         for e in events_for(real_system, name)), 60, "a Warning Event")
     real_system.cluster.kubectl("delete", "finetunejob", name, "-n", real_system.namespace, "--wait=false")
 
 
@@ -178,15 +185,8 @@ def test_more_gpus_than_the_node_has_is_reported_unschedulable(real_system: Syst
     spec["spec"]["resources"]["gpus"] = 16
     real_system.cluster.apply(spec, namespace=real_system.namespace)
 
-    def unschedulable() -> dict[str, Any] | None:
-        obj = real_system.resource(FTJ, name) or {}
-        conds = (obj.get("status") or {}).get("conditions") or []
-        return obj if any(c.get("reason") == "Unschedulable" for c in conds) else None
-
-    obj = wait_for(unschedulable, 120, "Unschedulable in the status", interval=1.0)
+    obj = wait_reported(real_system, name, "Unschedulable", 120)
     assert obj["status"]["phase"] == "Pending"
     assert "nvidia.com/gpu" in obj["status"]["message"], obj["status"]
-    wait_for(lambda: any(e["type"] == "Warning" and e["reason"] == "Unschedulable"
-                         for e in events_for(real_system, name)), 60, "a Warning Event")
     assert not pod_of(real_system, name).get("spec", {}).get("nodeName")
     real_system.cluster.kubectl("delete", "finetunejob", name, "-n", real_system.namespace, "--wait=false")
