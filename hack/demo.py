@@ -4,6 +4,7 @@
     python hack/demo.py                  # ~5-10 minutes on 2 CPU cores after the first build
     python hack/demo.py --steps 6        # shorter training
     python hack/demo.py --keep           # leave everything up until Enter (explore with kubectl)
+    python hack/demo.py --real-node      # pods in containers on a real kubelet node, operator from the chart
 
 What runs, all on this machine and all real (no mocks):
 
