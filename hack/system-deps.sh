@@ -20,4 +20,4 @@ if [[ $(id -u) != 0 ]]; then
 fi
 echo "system-deps: apt-get install ${missing[*]}" >&2
 apt-get update -qq >/dev/null
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
