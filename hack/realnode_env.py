@@ -64,8 +64,7 @@ def split_ref(ref: str) -> tuple[str, str]:
     return (repo, tag) if repo and "/" not in tag else (ref, "latest")
 
 
-def helm_install(c: cluster.LocalCluster, images: dict[str, str], extra_values: list[str] | None = None,
-                 timeout: str = "240s") -> None:
+def helm_install(c: cluster.LocalCluster, images: dict[str, str], timeout: str = "240s") -> None:
     """``helm upgrade --install`` of the chart with the images built here (never pulled)."""
     repo, tag = split_ref(images["OPERATOR_IMAGE"])
     cmd = [
@@ -74,7 +73,7 @@ def helm_install(c: cluster.LocalCluster, images: dict[str, str], extra_values: 
         "--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
         "--set", f"trainerImage={images['TRAINER_IMAGE']}", "--set", "logFormat=plain",
         "--set", "nodeSelector.kubetune\\.dev/node=real",  # not on kwok's fake nodes
-        "--wait", f"--timeout={timeout}", *(extra_values or []),
+        "--wait", f"--timeout={timeout}",
     ]
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -93,7 +92,7 @@ class RealNodeEnv:
     timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, log_dir: Path, install_chart: bool = True) -> RealNodeEnv:
+    def start(cls, log_dir: Path) -> RealNodeEnv:
         problems = realnode.missing_prerequisites()
         if problems:
             raise RuntimeError("the real node needs: " + "; ".join(problems))
@@ -107,10 +106,9 @@ class RealNodeEnv:
         s3 = None
         try:
             s3 = localenv.S3Server(host=realnode.NODE_IP, log_dir=log_dir).start()
-            if install_chart:
-                t2 = time.monotonic()
-                helm_install(c, images)
-                timings["chart"] = time.monotonic() - t2
+            t2 = time.monotonic()
+            helm_install(c, images)
+            timings["chart"] = time.monotonic() - t2
         except BaseException:
             if s3 is not None:
                 s3.stop()
