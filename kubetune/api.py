@@ -202,7 +202,13 @@ class JobControls(ApiModel):
     backoff_limit: int = Field(default=3, ge=0, le=50)
     """Retries after a failed pod; each retry resumes from the last checkpoint."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
-    """Delete the Job and its pods this long after it finishes; the resource and its status stay."""
+    """Delete the Job and its pods this long after it finishes; the resource and its status stay.
+    The operator sets it on the Job only once it has recorded the end in the status, so a Job
+    deleted early can never make it run the work again."""
+    startup_timeout_seconds: int | None = Field(default=None, ge=30, le=604800)
+    """Fail the job when its pod has not started running this long after it was created
+    (ImagePullBackOff, CreateContainerConfigError, Unschedulable, ...), which frees its GPU and
+    queue quota. Empty: the operator's default (--startup-timeout, chart value startupTimeoutSeconds)."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -103,11 +103,21 @@ def _immutable_except(spec_schema: dict[str, Any], mutable: set[str]) -> dict[st
     }
 
 
+FINAL_PHASE = {
+    "rule": "!has(oldSelf.phase) || !(oldSelf.phase in ['Succeeded', 'Failed']) || "
+            "(has(self.phase) && self.phase == oldSelf.phase)",
+    "message": "status.phase is final once Succeeded or Failed",
+    "reason": "FieldValueForbidden",
+}
+"""A finished run stays finished, whoever writes: a lagging ex-leader, a stale cache or a pod."""
+
+
 def _crd(kind: str, plural: str, short: str, spec_model: type[BaseModel], status_model: type[BaseModel],
          columns: list[dict[str, Any]], mutable: set[str], doc: str) -> dict[str, Any]:
     spec = structural(spec_model)
     spec.setdefault("x-kubernetes-validations", []).append(_immutable_except(spec, mutable))
     status = structural(status_model)
+    status.setdefault("x-kubernetes-validations", []).append(FINAL_PHASE)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

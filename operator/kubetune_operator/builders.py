@@ -2,8 +2,13 @@
 
 No I/O here. Every child carries a controller ownerReference to its resource, so deleting the
 FineTuneJob (or MergeJob) lets the garbage collector delete everything it created. Child names
-are deterministic (``<name>-train``, ``<name>-merge``), at most 63 characters, with a hash suffix
-when the resource name is long, so a restarted operator finds (adopts) what it created before.
+are deterministic, at most 63 characters, with a hash suffix when the resource name is long, so a
+restarted operator finds (adopts) what it created before: the Job is ``<name>-train`` /
+``<name>-merge`` (what users look for; on HTTP 409 its ownerReference is checked), its ConfigMap,
+ServiceAccount, Role and RoleBinding carry the first 8 characters of the resource's uid as well
+(``<name>-train-1a2b3c4d``), so a resource re-created under the same name never adopts the
+children of its deleted namesake that the garbage collector has yet to remove: a 409 on those
+names can only mean "mine, made by an earlier reconcile".
 
 Secrets are only ever referenced (``secretKeyRef``), never copied into the ConfigMap or the Job.
 """
@@ -36,6 +41,8 @@ class Settings:
     """Image used when the spec sets none (``--trainer-image`` / KUBETUNE_TRAINER_IMAGE)."""
     image_pull_policy: str = "IfNotPresent"
     termination_grace_seconds: int = TERMINATION_GRACE_SECONDS
+    startup_timeout_seconds: int = 900
+    """Default of ``spec.startupTimeoutSeconds`` (``--startup-timeout``)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +74,13 @@ def label_value(value: str) -> str:
 def job_name(kind: str, name: str) -> str:
     """Name of the batch/v1 Job (and its ConfigMap, ServiceAccount, Role, RoleBinding)."""
     return child_name(name, SUFFIX[kind])
+
+
+def support_name(body: dict[str, Any]) -> str:
+    """Name of the Job's ConfigMap, ServiceAccount, Role and RoleBinding: the Job's name plus 8
+    characters of the resource's uid (a namesake's leftovers never match)."""
+    meta = body["metadata"]
+    return child_name(meta["name"], f"{SUFFIX[body['kind']]}-{str(meta['uid']).replace('-', '')[:8]}")
 
 
 def merge_job_name(name: str) -> str:
@@ -117,7 +131,7 @@ def _metadata(body: dict[str, Any], name: str) -> dict[str, Any]:
 
 def config_map(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobSpec) -> dict[str, Any]:
     """The ConfigMap holding the resolved spec (camelCase JSON, secrets only by reference)."""
-    name = job_name(body["kind"], body["metadata"]["name"])
+    name = support_name(body)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -128,8 +142,7 @@ def config_map(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.Me
 
 def service_account(body: dict[str, Any]) -> dict[str, Any]:
     """The pod's own identity: it may only patch the status of its own resource."""
-    name = job_name(body["kind"], body["metadata"]["name"])
-    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(body, name)}
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(body, support_name(body))}
 
 
 def role(body: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +151,7 @@ def role(body: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": _metadata(body, job_name(kind, name)),
+        "metadata": _metadata(body, support_name(body)),
         "rules": [
             {
                 "apiGroups": [api.GROUP],
@@ -153,7 +166,7 @@ def role(body: dict[str, Any]) -> dict[str, Any]:
 def role_binding(body: dict[str, Any]) -> dict[str, Any]:
     """Binds :func:`role` to :func:`service_account`."""
     meta = body["metadata"]
-    name = job_name(body["kind"], meta["name"])
+    name = support_name(body)
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
@@ -276,7 +289,7 @@ def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobS
     pod_meta = {"labels": labels(kind, meta["name"]), "annotations": {LABEL_OWNER: f"{kind}/{meta['name']}"}}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "serviceAccountName": name,
+        "serviceAccountName": support_name(body),
         "automountServiceAccountToken": True,
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "securityContext": pod_security_context(),
@@ -302,7 +315,7 @@ def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobS
             }
         ],
         "volumes": [
-            {"name": "spec", "configMap": {"name": name, "items": [{"key": contract.SPEC_KEY,
+            {"name": "spec", "configMap": {"name": support_name(body), "items": [{"key": contract.SPEC_KEY,
                                                                       "path": contract.SPEC_KEY}]}},
             {"name": "work", "emptyDir": {}},
             {"name": "cache", "emptyDir": {}},
@@ -324,9 +337,18 @@ def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobS
     }
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    if spec.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    # no ttlSecondsAfterFinished here: the operator sets it (ttl_patch) once the end is in the status
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": job_spec}
+
+
+def ttl_patch(job: dict[str, Any] | None, spec: api.FineTuneJobSpec | api.MergeJobSpec) -> dict[str, Any] | None:
+    """The Job patch that turns on ``spec.ttlSecondsAfterFinished``, or None when there is nothing
+    to do. Only called once the terminal status is written: until then the Job is the only record
+    of how the run ended, and deleting it early would make a level-based operator run it again."""
+    ttl = spec.ttl_seconds_after_finished
+    if job is None or ttl is None or (job.get("spec") or {}).get("ttlSecondsAfterFinished") == ttl:
+        return None
+    return {"spec": {"ttlSecondsAfterFinished": ttl}}
 
 
 def initial_suspend(spec: api.FineTuneJobSpec | api.MergeJobSpec) -> bool:

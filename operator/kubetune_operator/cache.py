@@ -52,7 +52,8 @@ def slim(obj: dict[str, Any]) -> dict[str, Any]:
         out.pop("spec", None)
     elif obj.get("kind") == "Job":
         spec = obj.get("spec") or {}
-        out["spec"] = {k: spec[k] for k in ("suspend", "activeDeadlineSeconds", "backoffLimit") if k in spec}
+        kept = ("suspend", "activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished")
+        out["spec"] = {k: spec[k] for k in kept if k in spec}
     return out
 
 
@@ -66,6 +67,20 @@ def _older(new: dict[str, Any], cached: dict[str, Any] | None) -> bool:
         return int(new["metadata"].get("resourceVersion")) < int(cached["metadata"].get("resourceVersion"))
     except (TypeError, ValueError):
         return False
+
+
+def _rv(obj: dict[str, Any] | None) -> int | None:
+    try:
+        return int((obj or {}).get("metadata", {}).get("resourceVersion"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _stale(cached: dict[str, Any], list_rv: int | None) -> bool:
+    """A cached object missing from a list taken at ``list_rv`` is gone, unless the cache saw a
+    version newer than the list (created or changed after it): that one stays."""
+    rv = _rv(cached)
+    return list_rv is None or rv is None or rv <= list_rv
 
 
 class Cache:
@@ -164,6 +179,42 @@ class Cache:
         with self._lock:
             pods = list((self._pods.get(key) or {}).values())
         return [p for p in pods if ((p["metadata"].get("labels") or {}).get(CONTROLLER_UID)) == job_uid]
+
+    # -- relists (client-go's Replace): what a list no longer shows has vanished in a watch gap
+
+    def prune(self, kind: str, namespace: str, listed: set[str], list_rv: int | None) -> list[Key]:
+        """Drop resources of ``kind`` in ``namespace`` ("" = every namespace) that a list taken at
+        ``list_rv`` does not show (names in ``listed`` as "namespace/name"). Returns the dropped keys."""
+        with self._lock:
+            gone = [k for k, body in self._resources.items()
+                    if k[0] == kind and (not namespace or k[1] == namespace) and f"{k[1]}/{k[2]}" not in listed
+                    and _stale(body, list_rv)]
+            for k in gone:
+                del self._resources[k]
+                self._jobs.pop(k, None)
+                self._pods.pop(k, None)
+        return gone
+
+    def prune_children(self, kind: str, namespace: str, listed: set[str], list_rv: int | None) -> set[Key]:
+        """Drop Jobs or pods (``kind``) that a list taken at ``list_rv`` does not show (``listed``:
+        their uids). Returns the owners whose children changed."""
+        changed: set[Key] = set()
+        with self._lock:
+            for owner, job in list(self._jobs.items()) if kind == "Job" else []:
+                if (not namespace or owner[1] == namespace) and job["metadata"].get("uid") not in listed \
+                        and _stale(job, list_rv):
+                    del self._jobs[owner]
+                    changed.add(owner)
+            for owner, pods in list(self._pods.items()) if kind == "Pod" else []:
+                if namespace and owner[1] != namespace:
+                    continue
+                for name, pod in list(pods.items()):
+                    if pod["metadata"].get("uid") not in listed and _stale(pod, list_rv):
+                        del pods[name]
+                        changed.add(owner)
+                if not pods:
+                    del self._pods[owner]
+        return changed
 
     def forget_children(self, key: Key) -> None:
         with self._lock:

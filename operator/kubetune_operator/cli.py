@@ -36,11 +36,17 @@ DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
               help="Hold a coordination.k8s.io Lease so only one replica acts.")
 @click.option("--lease-namespace", envvar="POD_NAMESPACE", default="default", show_default=True)
 @click.option("--lease-name", default="kubetune-operator", show_default=True)
+@click.option("--startup-timeout", envvar="KUBETUNE_STARTUP_TIMEOUT", type=click.IntRange(30), default=900,
+              show_default=True, help="Fail a job whose pod has not started running after this many seconds "
+              "(ImagePullBackOff, Unschedulable, ...), unless its spec.startupTimeoutSeconds says otherwise.")
+@click.option("--resync-seconds", envvar="KUBETUNE_RESYNC_SECONDS", type=click.FloatRange(1), default=600,
+              show_default=True, help="Relist everything this often: prune what vanished in a watch gap, "
+              "reconcile what is unfinished.")
 @click.option("--log-format", type=click.Choice(["plain", "full", "json"]), default="plain", show_default=True)
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def operator(namespaces: tuple[str, ...], all_namespaces: bool, trainer_image: str, metrics_port: int,
-             liveness: str | None, leader_elect: bool, lease_namespace: str, lease_name: str, log_format: str,
-             verbose: bool) -> None:
+             liveness: str | None, leader_elect: bool, lease_namespace: str, lease_name: str, startup_timeout: int,
+             resync_seconds: float, log_format: str, verbose: bool) -> None:
     """Run the operator (reconciles FineTuneJob and MergeJob into batch/v1 Jobs)."""
     if bool(namespaces) == all_namespaces:
         raise click.UsageError("give --namespace (one or more) or --all-namespaces")
@@ -56,7 +62,9 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, trainer_image: s
     if not verbose:  # kopf logs every handled watch event at INFO ("Handler ... succeeded"): noise at scale
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kube = Kube.from_environment()
-    handlers.configure(Controller(kube, builders.Settings(trainer_image=trainer_image)),
+    handlers.configure(Controller(kube, builders.Settings(trainer_image=trainer_image,
+                                                          startup_timeout_seconds=startup_timeout),
+                                  resync_seconds=resync_seconds),
                        None if all_namespaces else list(namespaces))
     if metrics_port:
         metrics.serve(metrics_port)

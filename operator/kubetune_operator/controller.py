@@ -8,10 +8,23 @@ it exists: adopt it), aligns ``suspend``, and writes the status derived by
 :func:`kubetune_operator.status.derive` when it differs from what is stored. A reconcile that
 changes nothing makes no API call, so watch events (including the echo of our own writes) are cheap.
 
-Re-checks: a blocked resource (invalid spec, missing Secret, MergeJob waiting for its FineTuneJob)
-is retried with backoff (5 s .. 5 min); an API error likewise; an unfinished resource is
-reconciled again every ``RESYNC_SECONDS`` as a safety net. Invalid specs, missing Secrets and
-missing FineTuneJobs are not errors: they become a Failed/Stalled (or Pending) status.
+Re-checks: a blocked resource (missing Secret, MergeJob waiting for its FineTuneJob, a create the
+API server refused with 403) is retried with backoff (5 s .. 5 min) and shows as Pending with a
+Stalled condition; an API error likewise. ``Failed`` is always final: an invalid spec (immutable),
+a create refused as invalid (422), a FineTuneJob that failed, a Job lost before its end was
+recorded, a pod stuck in ImagePullBackOff/Unschedulable/... past the startup timeout.
+
+Faults (docs/operator.md, "Under faults"):
+
+* the Job's ``ttlSecondsAfterFinished`` is set only after the terminal status is written, and a Job
+  that vanished once ``status.jobName`` was recorded is never created again (JobLost, or the result
+  the pod reported is kept);
+* every ``resync_seconds`` the resources, Jobs and pods are listed again and whatever the lists no
+  longer show is pruned from the cache (client-go's Replace: a watch gap leaves no ghost), then
+  every unfinished resource is reconciled and its four support objects re-created if missing;
+* a status write answered 404 forgets the resource; terminal status writes carry the cached
+  resourceVersion (a stale view cannot overwrite a newer status) and the CRD refuses any change of
+  a terminal phase.
 """
 
 from __future__ import annotations
@@ -34,7 +47,9 @@ from kubetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger("kubetune.operator")
 
-RESYNC_SECONDS = 600.0  # safety net for missed watch events on unfinished resources (kopf re-lists on reconnects)
+RESYNC_SECONDS = 600.0  # relist everything, prune what vanished, reconcile what is unfinished
+RESYNC_FIRST = 30.0  # the first relist after start: closes the window between prefill and kopf's own lists
+CHILD_CHECK_SECONDS = 30.0  # a Job without a pod re-checks its support objects at most this often
 BACKOFF_FIRST, BACKOFF_MAX = 5.0, 300.0  # re-check of blocked resources and of failed reconciles
 WORKERS = 8
 SECRET_TTL = 10.0  # seconds a Secret seen to exist is not read again (absence is never cached)
@@ -78,6 +93,10 @@ class Controller:
     _secrets_lock: threading.Lock = field(default_factory=threading.Lock)
     _children_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="children"))
+    namespaces: list[str] | None = None  # None: every namespace (set by prefill)
+    resync_seconds: float = RESYNC_SECONDS
+    _children_checked: dict[Key, float] = field(default_factory=dict)
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         metrics.QUEUE_DEPTH.set_function(lambda: len(self.queue))
@@ -88,6 +107,7 @@ class Controller:
         """List the Jobs and pods the operator made (``None``: all namespaces) before the watches start,
         so the first reconciles see existing children instead of re-creating them (a cache sync)."""
         selector = contract.LABEL_KIND
+        self.namespaces = namespaces
         for ns in namespaces or [""]:
             for kind in ("Job", "Pod"):
                 for item in self.kube.list(kind, ns, selector):
@@ -105,10 +125,15 @@ class Controller:
                                       name=f"reconcile-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        resync = threading.Thread(target=contextvars.copy_context().run, args=(self._resync_loop,),
+                                  name="resync", daemon=True)
+        resync.start()
+        self._threads.append(resync)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Let the workers finish their current reconcile (``timeout`` seconds in all; they are
         daemon threads, so one stuck in a request does not hold the exit)."""
+        self._stopping.set()
         self.queue.shutdown()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
@@ -122,16 +147,69 @@ class Controller:
             finally:
                 self.queue.done(key)
 
+    # -- the relist (watch gaps)
+
+    def _resync_loop(self) -> None:
+        delay = min(RESYNC_FIRST, self.resync_seconds)
+        while not self._stopping.wait(delay):
+            delay = self.resync_seconds
+            try:
+                self.resync()
+            except Exception as err:  # noqa: BLE001 - the next round tries again
+                log.warning("resync failed: %s", err, exc_info=not isinstance(err, (ApiError, OSError)))
+
+    def resync(self) -> None:
+        """List the resources, Jobs and pods again (one LIST per kind and namespace), replace the
+        cache's view with what the lists show -- dropping what vanished in a watch gap, which kopf's
+        relist after a 410 does not report -- and reconcile every unfinished resource."""
+        selector = contract.LABEL_KIND
+        dirty: set[Key] = set()
+        for ns in self.namespaces or [""]:
+            for kind in ("FineTuneJob", "MergeJob"):
+                items, rv = self._list(kind, ns, None)
+                for item in items:
+                    self.cache.put({**item, "kind": kind})
+                for gone in self.cache.prune(kind, ns, {f"{i['metadata']['namespace']}/{i['metadata']['name']}"
+                                                        for i in items}, rv):
+                    log.info("%s vanished while unwatched: forgotten", _name(gone))
+                    self._forget(gone)
+            for kind in ("Job", "Pod"):
+                items, rv = self._list(kind, ns, selector)
+                for item in items:
+                    self.cache.put_child({**item, "kind": kind})
+                dirty |= self.cache.prune_children(kind, ns, {i["metadata"]["uid"] for i in items}, rv)
+        for key in self.cache.keys():
+            body = self.cache.get(key) or {}
+            if not status.is_finished(body.get("status")):
+                self._children_checked.pop(key, None)  # re-check its support objects too
+                dirty.add(key)
+        for key in dirty:
+            self.queue.add(key)
+        log.info("resync: cache %s, %d resources to reconcile", self.cache.sizes(), len(dirty))
+
+    def _list(self, kind: str, namespace: str, selector: str | None) -> tuple[list[dict[str, Any]], int | None]:
+        answer = self.kube.request("GET", Kube.path(kind, namespace or None),
+                                   query={"labelSelector": selector} if selector else None)
+        try:
+            rv: int | None = int(answer["metadata"]["resourceVersion"])
+        except (KeyError, TypeError, ValueError):
+            rv = None
+        return list(answer.get("items") or []), rv
+
+    def _forget(self, key: Key) -> None:
+        self.cache.drop(key)
+        self.cache.forget_children(key)
+        self.queue.discard(key)
+        self._children_checked.pop(key, None)
+        metrics.forget(_name(key))
+
     # -- what the watches report (called from kopf's event loop: no API calls here)
 
     def observed(self, body: dict[str, Any], deleted: bool = False) -> None:
         """A FineTuneJob or MergeJob changed (or was listed, or deleted)."""
         key = key_of(body)
         if deleted:
-            self.cache.drop(key)
-            self.cache.forget_children(key)
-            self.queue.discard(key)
-            metrics.forget(_name(key))
+            self._forget(key)
             return
         self.cache.put(body)
         self.queue.add(key)
@@ -156,6 +234,10 @@ class Controller:
         with metrics.RECONCILE_SECONDS.labels(kind).time():
             try:
                 blocked = self._reconcile(key, body)
+            except Gone:
+                log.info("%s is gone (HTTP 404 on its status): forgotten", _name(key))
+                self._forget(key)
+                return
             except Exception as err:  # noqa: BLE001 - any failure: log, count, retry with backoff
                 metrics.RECONCILE_ERRORS.labels(kind).inc()
                 delay = self.queue.retry(key)
@@ -166,32 +248,37 @@ class Controller:
             self.queue.retry(key)
             return
         self.queue.forget(key)
-        if not status.is_finished((self.cache.get(key) or {}).get("status")):
-            self.queue.add_after(key, RESYNC_SECONDS)
 
     # -- the work
 
     def _reconcile(self, key: Key, body: dict[str, Any]) -> bool:
-        """Returns True when the resource is blocked (validation, waiting) and should be re-checked."""
+        """Returns True when the resource is blocked (waiting) and should be re-checked."""
         kind, meta = body["kind"], body["metadata"]
         old = body.get("status") or {}
         generation = meta.get("generation") or 1
         if status.is_finished(old):  # terminal: never re-run (the Job may be gone with its TTL)
             self._write(body, status.observe_generation(old, generation))
+            self._wind_down(key, body, old)
             if kind == "FineTuneJob" and old.get("phase") == "Succeeded":
                 self._ensure_merge_job(body)
             return False
-        spec, blocked = validation.parse_spec(kind, body.get("spec") or {})
-        if spec is None:
-            self._write(body, status.derive(kind, body, None, [], self.clock(), blocked=blocked))
-            return True
+        spec, invalid = validation.parse_spec(kind, body.get("spec") or {})
+        if spec is None:  # the spec is immutable: no retry
+            self._write(body, status.derive(kind, body, None, [], self.clock(), blocked=invalid))
+            return False
         job = self.cache.job(key)
+        if job is None and old.get("jobName"):  # made once already: never twice
+            job = self._lost_job(key, body, old)
+            if job is None:
+                return False
         if job is None:  # validate (and resolve) only before creating: the spec is immutable after that
             blocked, run_spec = self._check(body, spec)
+            if blocked is None:
+                job, blocked = self._create_children(body, run_spec)
+                self._children_checked[key] = time.monotonic()
             if blocked is not None:
                 self._write(body, status.derive(kind, body, None, [], self.clock(), blocked=blocked))
-                return True
-            job = self._create_children(body, run_spec)
+                return blocked.phase != "Failed"
         if not self._owned(job, body):
             wait = status.Verdict("Pending", "WaitingForCleanup",
                                   f"a Job {job['metadata']['name']} of an earlier resource with this name still "
@@ -201,11 +288,56 @@ class Controller:
         spec_suspend = bool(getattr(spec, "suspend", False))
         job = self._align_suspend(job, spec_suspend, bool(getattr(spec, "queue_name", None)))
         pods = self.cache.pods(key, job["metadata"]["uid"])
-        new = status.derive(kind, body, job, pods, self.clock(), spec_suspend=spec_suspend)
-        self._write(body, new)
+        now = self.clock()
+        new = status.derive(kind, body, job, pods, now, spec_suspend=spec_suspend)
+        timeout = spec.startup_timeout_seconds or self.settings.startup_timeout_seconds
+        gave_up, wait = status.startup_timeout(new, job, pods, now, timeout)
+        if gave_up is not None:
+            new = status.derive(kind, body, job, pods, now, blocked=gave_up)
+        elif wait is not None:
+            self.queue.add_after(key, wait + 1.0)
+        if status.ready_reason(new) in ("Starting", "Retrying"):  # no pod: can the Job controller make one?
+            self._check_children(key, body, spec)
+        self._write(body, new, precondition=new["phase"] in status.TERMINAL)
+        if new["phase"] in status.TERMINAL:
+            self._wind_down(key, body, new)
         if kind == "FineTuneJob" and new["phase"] == "Succeeded":
             self._ensure_merge_job({**body, "status": {**old, **new}})
         return False
+
+    def _wind_down(self, key: Key, body: dict[str, Any], st: dict[str, Any]) -> None:
+        """Once the end is in the status: stop a Job that still runs (a startup timeout), and only
+        now hand the Job to its TTL (spec.ttlSecondsAfterFinished)."""
+        job = self.cache.job(key)
+        if job is None or not self._owned(job, body):
+            return
+        finished = status.job_condition(job, "Complete") or status.job_condition(job, "Failed")
+        patch: dict[str, Any] = {}
+        if not finished and st.get("phase") == "Failed" and (job.get("spec") or {}).get("activeDeadlineSeconds") != 1:
+            patch = {"spec": {"activeDeadlineSeconds": 1}}  # the Job controller fails it and deletes its pods
+        spec, _ = validation.parse_spec(body["kind"], body.get("spec") or {})
+        ttl = builders.ttl_patch(job, spec) if spec is not None else None
+        if ttl:
+            patch = {"spec": {**patch.get("spec", {}), **ttl["spec"]}}
+        if patch:
+            meta = job["metadata"]
+            patched = self.kube.patch("Job", meta["namespace"], meta["name"], patch)
+            self.cache.put_child({**patched, "kind": "Job"})
+
+    def _lost_job(self, key: Key, body: dict[str, Any], old: dict[str, Any]) -> dict[str, Any] | None:
+        """``status.jobName`` is recorded but the cache has no Job: read it (the cache may lag). Gone:
+        never create it again -- report JobLost, or keep the result the pod reported."""
+        kind, meta = body["kind"], body["metadata"]
+        job = self.kube.get("Job", meta["namespace"], old["jobName"])
+        if job is not None and self._owned(job, body):
+            self.cache.put_child({**job, "kind": "Job"})
+            return job
+        verdict = status.lost_job_verdict(kind, old)
+        log.warning("%s: Job %s is gone before its end was recorded: %s", _name(key), old["jobName"], verdict.reason)
+        self._write(body, status.derive(kind, body, None, [], self.clock(), blocked=verdict), precondition=True)
+        if kind == "FineTuneJob" and verdict.phase == "Succeeded":
+            self._ensure_merge_job(body)
+        return None
 
     def _check(self, body: dict[str, Any], spec: Any) -> tuple[status.Verdict | None, Any]:
         """Validation that needs the API: (blocking verdict, None) or (None, the resolved spec)."""
@@ -250,19 +382,54 @@ class Controller:
                 del self._secrets[stale]
         return keys
 
-    def _create_children(self, body: dict[str, Any], spec: Any) -> dict[str, Any]:
-        """The ConfigMap, ServiceAccount, Role and RoleBinding (at once: they are independent), then
-        the Job (its pod needs the ServiceAccount to exist)."""
-        children = (builders.config_map(body, spec), builders.service_account(body), builders.role(body),
-                    builders.role_binding(body))
-        for future in [self._children_pool.submit(self.kube.create, child, read_existing=False)
-                       for child in children]:
-            future.result()  # 409 (made by an earlier reconcile) is not an error; others raise here
-        job, created = self.kube.create(builders.job(body, spec, self.settings, builders.initial_suspend(spec)))
+    def _create_children(self, body: dict[str, Any], spec: Any) -> tuple[dict[str, Any] | None, status.Verdict | None]:
+        """The ConfigMap, ServiceAccount, Role and RoleBinding, then the Job (its pod needs the
+        ServiceAccount). -> (Job, None), or (None, verdict) when the API server refused a create
+        (quota, an admission webhook or policy, an invalid field): that shows in the status."""
+        try:
+            self._create_support(body, spec)
+            job, created = self.kube.create(builders.job(body, spec, self.settings, builders.initial_suspend(spec)))
+        except ApiError as err:
+            verdict = status.create_refused(err.status, str(err))
+            if verdict is None:
+                raise
+            return None, verdict
         self.cache.put_child({**job, "kind": "Job"})
         if created:
             self.emit(body, "Normal", "JobCreated", f"created Job {job['metadata']['name']}")
-        return job
+        return job, None
+
+    def _create_support(self, body: dict[str, Any], spec: Any | None) -> list[str]:
+        """Create the four support objects at once (they are independent); a 409 means it exists, and
+        their uid-derived names make it ours. -> the kinds that had to be created."""
+        children = [builders.service_account(body), builders.role(body), builders.role_binding(body)]
+        if spec is not None:
+            children.insert(0, builders.config_map(body, spec))
+        futures = [self._children_pool.submit(self.kube.create, child, read_existing=False) for child in children]
+        return [child["kind"] for child, future in zip(children, futures, strict=True) if future.result()[1]]
+
+    def _check_children(self, key: Key, body: dict[str, Any], spec: Any) -> None:
+        """The Job exists but has no pod: re-create a missing support object (deleted by hand, or by the
+        garbage collector of a namesake's era), at most every CHILD_CHECK_SECONDS, and say so."""
+        now = time.monotonic()
+        if now - self._children_checked.get(key, -1e9) < CHILD_CHECK_SECONDS:
+            return
+        self._children_checked[key] = now
+        run_spec = spec
+        if isinstance(spec, api.MergeJobSpec) and spec.source.fine_tune_job_ref is not None:
+            ftj = self.cache.get(("FineTuneJob", key[1], spec.source.fine_tune_job_ref.name))
+            try:
+                run_spec = builders.resolve_merge_spec(spec, ftj)
+            except (ValueError, KeyError):
+                run_spec = None  # cannot rebuild the ConfigMap now: the other three are still checked
+        try:
+            repaired = self._create_support(body, run_spec)
+        except ApiError as err:
+            log.warning("%s: cannot check its support objects: %s", _name(key), err)
+            return
+        if repaired:
+            self.emit(body, "Warning", "ChildRecreated",
+                      f"re-created the missing {', '.join(repaired)} {builders.support_name(body)}")
 
     @staticmethod
     def _owned(job: dict[str, Any], body: dict[str, Any]) -> bool:
@@ -281,14 +448,25 @@ class Controller:
         self.cache.put_child({**patched, "kind": "Job"})
         return patched
 
-    def _write(self, body: dict[str, Any], new: dict[str, Any]) -> None:
+    def _write(self, body: dict[str, Any], new: dict[str, Any], precondition: bool = False) -> None:
+        """Merge-patch the changed status keys. ``precondition``: only onto the version the cache
+        holds (HTTP 409 if someone wrote since: the reconcile is retried on fresher data), for the
+        writes that must not land on a status the operator has not seen (the terminal ones)."""
         kind, meta = body["kind"], body["metadata"]
         old = body.get("status") or {}
         metrics.observe(f"{kind}/{meta['namespace']}/{meta['name']}", kind, new["phase"])
         patch = status.changed(old, new)
         if not patch:
             return
-        written = self.kube.patch(kind, meta["namespace"], meta["name"], {"status": patch}, subresource="status")
+        doc: dict[str, Any] = {"status": patch}
+        if precondition and meta.get("resourceVersion"):
+            doc["metadata"] = {"resourceVersion": meta["resourceVersion"]}
+        try:
+            written = self.kube.patch(kind, meta["namespace"], meta["name"], doc, subresource="status")
+        except ApiError as err:
+            if err.status == 404:
+                raise Gone(_name(key_of(body))) from err
+            raise
         self.cache.update({**written, "kind": kind})
         body["status"] = {**old, **patch}
         event = transition_event(old, new)
@@ -303,11 +481,18 @@ class Controller:
         if (body.get("status") or {}).get("mergeJobName"):
             return
         mj, created = self.kube.create(builders.merge_job(body, spec))
+        if not self._owned(mj, body):  # a namesake's, not yet collected: wait for the garbage collector
+            raise ApiError(409, "POST", Kube.path("MergeJob", meta["namespace"]),
+                           f"MergeJob {mj['metadata']['name']} belongs to an earlier FineTuneJob with this name")
         if created:
             self.emit(body, "Normal", "MergeJobCreated", f"created MergeJob {mj['metadata']['name']}")
         written = self.kube.patch("FineTuneJob", meta["namespace"], meta["name"],
                                   {"status": {"mergeJobName": mj["metadata"]["name"]}}, subresource="status")
         self.cache.update({**written, "kind": "FineTuneJob"})
+
+
+class Gone(Exception):
+    """The resource no longer exists (HTTP 404 on its status)."""
 
 
 def transition_event(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, str, str] | None:
@@ -324,4 +509,4 @@ def transition_event(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, str
 
 
 def _ready_reason(st: dict[str, Any]) -> str:
-    return next((c.get("reason", "") for c in st.get("conditions") or [] if c.get("type") == "Ready"), "")
+    return status.ready_reason(st)

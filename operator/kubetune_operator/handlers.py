@@ -12,6 +12,7 @@ so kopf keeps no per-object state in the cluster: no annotations, no finalizers,
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 import kopf
@@ -63,6 +64,14 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # Server-side filters: the handlers' ``labels=`` below are only client-side in kopf, so without
+    # these the operator would list and stream every Job and pod of the cluster (review #3).
+    settings.watching.label_selectors["batch", "v1", "jobs"] = contract.LABEL_KIND
+    settings.watching.label_selectors["v1", "pods"] = contract.LABEL_KIND
+    # Events come from kubetune, not "kopf" (the From column of `kubectl describe`).
+    settings.posting.reporting_component = "kubetune-operator"
+    settings.posting.reporting_instance = socket.gethostname()
+    settings.posting.event_name_prefix = "kubetune-"
     controller().prefill(_namespaces)  # before kopf's watches start
     metrics.HEALTH.ready = True
 

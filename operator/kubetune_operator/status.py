@@ -16,6 +16,7 @@ help; ``Succeeded``/``Failed``/``Suspended`` are added when they hold. All carry
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ OWNED_FIELDS = ("phase", "conditions", "message", "observedGeneration", "jobName
 STALLED_WAITING = {"ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "ErrImageNeverPull"}
 # Waiting reasons worth surfacing while the pod starts.
 REPORTED_WAITING = STALLED_WAITING | {"ErrImagePull", "CreateContainerError", "ContainerCreating"}
+# A pod that stays in one of these (or is never created) past the startup timeout fails the job.
+# Not ContainerCreating: a slow pull of a large image is progress, not a fault.
+STUCK = STALLED_WAITING | {"ErrImagePull", "CreateContainerError", "Unschedulable", "Starting"}
+TERMINAL = ("Succeeded", "Failed")
+RESULT_KEY = {"FineTuneJob": "adapterUri", "MergeJob": "mergedUri"}
 _REASON_RE = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 
 
@@ -333,7 +339,75 @@ def observe_generation(old: dict[str, Any], generation: int) -> dict[str, Any]:
 
 
 def is_finished(status: dict[str, Any] | None) -> bool:
-    """Terminal: the Job ran and succeeded or failed. Validation failures (no jobName) are not
-    terminal: they are re-checked, since the missing Secret may be created later."""
-    status = status or {}
-    return status.get("phase") in ("Succeeded", "Failed") and bool(status.get("jobName"))
+    """Terminal: Succeeded or Failed. ``Failed`` is only ever written for what cannot change by
+    waiting (the CRD also refuses to move a terminal phase); what may resolve itself -- a missing
+    Secret or FineTuneJob, a create refused by quota -- is Pending with a Stalled condition."""
+    return (status or {}).get("phase") in TERMINAL
+
+
+def ready_reason(st: dict[str, Any]) -> str:
+    """The reason of the status's Ready condition ("" when none)."""
+    return next((c.get("reason", "") for c in st.get("conditions") or [] if c.get("type") == "Ready"), "")
+
+
+def _time(text: str | None) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+    except ValueError:
+        return None
+
+
+def startup_timeout(new: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]], now: str,
+                    timeout: int) -> tuple[Verdict | None, float | None]:
+    """Has the job waited too long for a running pod? -> (Failed verdict, None) once it has been
+    stuck ``timeout`` seconds (ImagePullBackOff, CreateContainerConfigError, Unschedulable, ... or
+    no pod at all since the Job started), (None, seconds left) while it is stuck but not yet that
+    long, (None, None) when it is not stuck."""
+    reason = ready_reason(new)
+    if new.get("phase") != "Pending" or reason not in STUCK or job is None:
+        return None, None
+    if reason == "Starting":  # no pod: the Job controller could not create one (quota, admission, ...)
+        since = _time((job.get("status") or {}).get("startTime"))
+    else:
+        live = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", None)]
+        since = max((t for t in (_time(_created(p)) for p in live) if t), default=None)
+    current = _time(now)
+    if since is None or current is None:
+        return None, None
+    waited = (current - since).total_seconds()
+    if waited < timeout:
+        return None, timeout - waited
+    what = reason if reason != "Starting" else "PodNotCreated"
+    detail = new.get("message") or reason
+    if reason == "Starting":
+        detail = "the Job created no pod (see `kubectl describe job` for quota, PodSecurity or admission errors)"
+    return Verdict("Failed", what, truncate(
+        f"{detail}; gave up after {timeout}s without a running pod (spec.startupTimeoutSeconds) and stopped "
+        "the Job, so its GPU and queue quota are free"), stalled=True), None
+
+
+def lost_job_verdict(kind: str, old: dict[str, Any]) -> Verdict:
+    """The Job recorded in ``status.jobName`` is gone before its end was recorded (TTL while the
+    operator was down, a manual delete). Never run the work twice: keep the result the pod reported
+    (``stage: done`` and its result URI), else fail with JobLost."""
+    result = old.get(RESULT_KEY[kind])
+    if old.get("stage") == "done" and result:
+        return Verdict("Succeeded", "Succeeded",
+                       f"the Job {old.get('jobName')} is gone, but its pod had reported success: {result}")
+    return Verdict("Failed", "JobLost",
+                   f"the Job {old.get('jobName')} was deleted before the run's end was recorded; it is not "
+                   f"created again (the work must never run twice). Delete and re-create the {kind} to run it "
+                   "again", stalled=True)
+
+
+def create_refused(code: int, message: str) -> Verdict | None:
+    """The status for an API error on creating a child: 403/400 (quota, an admission webhook or
+    policy) may clear up -- Pending and Stalled, retried with backoff; 422 (an invalid manifest,
+    e.g. a bad affinity) will not -- Failed. None: not the user's to see (retry quietly)."""
+    if code == 422:
+        return Verdict("Failed", "CreateRejected", truncate(f"the API server rejected a child object: {message}"),
+                       stalled=True)
+    if code in (400, 403):
+        return Verdict("Pending", "CreateFailed", truncate(
+            f"the API server refused to create a child object (retried with backoff): {message}"), stalled=True)
+    return None

@@ -82,7 +82,7 @@ def check_secrets(needs: list[SecretNeed], secrets: Mapping[str, dict[str, Any] 
             problems.append(f"Secret {need.name!r} ({need.field}) has no key {', '.join(map(repr, missing))}")
     if not problems:
         return None
-    return Verdict("Failed", "SecretNotFound",
+    return Verdict("Pending", "SecretNotFound",
                    "; ".join(problems) + " in the job's namespace; create it and the job starts (re-checked "
                    "with backoff)", stalled=True)
 
@@ -104,12 +104,12 @@ def check_resources(spec: api.FineTuneJobSpec | api.MergeJobSpec, default_image:
 def check_fine_tune_job(ref: str, ftj: dict[str, Any] | None) -> Verdict | None:
     """A MergeJob's source: None when the FineTuneJob succeeded and has an adapter."""
     if ftj is None:
-        return Verdict("Failed", "FineTuneJobNotFound",
+        return Verdict("Pending", "FineTuneJobNotFound",
                        f"FineTuneJob {ref!r} (spec.source.fineTuneJobRef) does not exist in this namespace; "
                        "re-checked with backoff", stalled=True)
     status = ftj.get("status") or {}
     phase = status.get("phase")
-    if phase == "Failed" and status.get("jobName"):
+    if phase == "Failed":
         return Verdict("Failed", "FineTuneJobFailed",
                        truncate(f"FineTuneJob {ref!r} failed: {status.get('message') or 'no message'}"), stalled=True)
     if phase == "Succeeded":

@@ -195,6 +195,12 @@ def kubelet_exit(c: Any, pod: dict[str, Any], exit_code: int, message: str = "",
     })
 
 
+def support_name(c: Any, ns: str, kind: str, name: str) -> str:
+    """Name of a resource's ConfigMap/ServiceAccount/Role/RoleBinding: ``<name>-train-<uid[:8]>``."""
+    uid = get(c, ns, kind, name)["metadata"]["uid"].replace("-", "")[:8]
+    return f"{name}-{'train' if kind == 'FineTuneJob' else 'merge'}-{uid}"
+
+
 def force_delete(c: Any, pod: dict[str, Any]) -> None:
     """What the kubelet does once a terminating pod's containers are gone."""
     meta = pod["metadata"]

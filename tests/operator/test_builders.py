@@ -79,7 +79,7 @@ def test_job_pod_spec_exact(ftj_body):
     pod = spec["template"]["spec"]
     assert spec["template"]["metadata"]["labels"] == labels
     assert pod["restartPolicy"] == "Never"
-    assert pod["serviceAccountName"] == "demo-train"
+    assert pod["serviceAccountName"] == "demo-train-uiddemo"  # uid-derived: never a namesake's
     assert pod["automountServiceAccountToken"] is True
     assert pod["terminationGracePeriodSeconds"] == 300
     assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
@@ -101,7 +101,7 @@ def test_job_pod_spec_exact(ftj_body):
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
     assert pod["volumes"] == [
-        {"name": "spec", "configMap": {"name": "demo-train", "items": [{"key": "spec.json", "path": "spec.json"}]}},
+        {"name": "spec", "configMap": {"name": "demo-train-uiddemo", "items": [{"key": "spec.json", "path": "spec.json"}]}},
         {"name": "work", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
@@ -162,7 +162,7 @@ def test_secrets_are_referenced_never_inlined(ftj_body):
 def test_config_map_holds_the_resolved_camelcase_spec(ftj_body):
     body = ftj_body()
     cm = builders.config_map(body, _spec(body))
-    assert cm["metadata"]["name"] == "demo-train"
+    assert cm["metadata"]["name"] == "demo-train-uiddemo"
     assert cm["metadata"]["ownerReferences"][0]["uid"] == "uid-demo"
     doc = json.loads(cm["data"][contract.SPEC_KEY])
     assert doc["training"]["maxSteps"] == 10
@@ -183,8 +183,11 @@ def test_resources_placement_deadline_ttl_suspend_queue(ftj_body):
     assert builders.initial_suspend(spec) is True  # Kueue admits it
     job = builders.job(body, spec, SETTINGS, suspend=builders.initial_suspend(spec))
     js, pod = job["spec"], job["spec"]["template"]["spec"]
-    assert (js["activeDeadlineSeconds"], js["ttlSecondsAfterFinished"], js["backoffLimit"], js["suspend"]) == \
-        (3600, 60, 5, True)
+    assert (js["activeDeadlineSeconds"], js["backoffLimit"], js["suspend"]) == (3600, 5, True)
+    assert "ttlSecondsAfterFinished" not in js  # set only once the end is recorded (ttl_patch)
+    assert builders.ttl_patch(job, spec) == {"spec": {"ttlSecondsAfterFinished": 60}}
+    assert builders.ttl_patch({**job, "spec": {**js, "ttlSecondsAfterFinished": 60}}, spec) is None
+    assert builders.ttl_patch(None, spec) is None
     assert job["metadata"]["labels"][contract.LABEL_QUEUE] == "team-a-queue"
     assert _container(job)["resources"] == {"limits": {"amd.com/gpu": "2", "cpu": "8", "memory": "64Gi"},
                                             "requests": {"cpu": "8", "memory": "64Gi"}}
@@ -207,11 +210,11 @@ def test_cpu_only_job_has_no_gpu_limit(ftj_body):
 def test_progress_channel_role_is_least_privilege(ftj_body):
     body = ftj_body()
     sa, role, rb = builders.service_account(body), builders.role(body), builders.role_binding(body)
-    assert sa["metadata"]["name"] == role["metadata"]["name"] == rb["metadata"]["name"] == "demo-train"
+    assert sa["metadata"]["name"] == role["metadata"]["name"] == rb["metadata"]["name"] == "demo-train-uiddemo"
     assert role["rules"] == [{"apiGroups": ["kubetune.dev"], "resources": ["finetunejobs/status"],
                               "resourceNames": ["demo"], "verbs": ["get", "patch"]}]
-    assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "demo-train"}
-    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "demo-train", "namespace": "team-a"}]
+    assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "demo-train-uiddemo"}
+    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "demo-train-uiddemo", "namespace": "team-a"}]
     for child in (sa, role, rb):
         assert child["metadata"]["ownerReferences"][0]["controller"] is True
 
@@ -274,4 +277,4 @@ def test_examples_build(tmp_path):
     body = {**doc, "metadata": {**doc["metadata"], "namespace": "ns", "uid": "u"}}
     job = builders.job(body, _spec(body), SETTINGS, suspend=False)
     assert job["metadata"]["name"] == "llama-qlora-train"
-    assert job["spec"]["ttlSecondsAfterFinished"] == 86400
+    assert builders.ttl_patch(job, _spec(body)) == {"spec": {"ttlSecondsAfterFinished": 86400}}

@@ -23,6 +23,7 @@ from clusterkit import (
     phase_is,
     pods,
     ready,
+    support_name,
     term_message,
     wait_for,
     wait_pod,
@@ -44,13 +45,14 @@ def test_apply_runs_succeeds_with_results(cluster, ns, operator_proc, operator_i
     assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTuneJob", "demo", True)
     pod_spec = j["spec"]["template"]["spec"]
     assert pod_spec["securityContext"]["runAsNonRoot"] is True
-    assert pod_spec["serviceAccountName"] == "demo-train"
+    support = support_name(cluster, ns, "FineTuneJob", "demo")
+    assert pod_spec["serviceAccountName"] == support
     (container,) = pod_spec["containers"]
     assert container["image"] == "kubetune/trainer:test"
     env = {e["name"]: e for e in container["env"]}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds",
                                                                          "key": "AWS_SECRET_ACCESS_KEY"}
-    cm = cluster.request("GET", f"/api/v1/namespaces/{ns}/configmaps/demo-train")
+    cm = cluster.request("GET", f"/api/v1/namespaces/{ns}/configmaps/{support}")
     assert json.loads(cm["data"]["spec.json"])["output"]["uri"] == "s3://out/run-1"
     assert "test-secret-value" not in json.dumps(cm) + json.dumps(j)
 
@@ -62,7 +64,7 @@ def test_apply_runs_succeeds_with_results(cluster, ns, operator_proc, operator_i
     assert st["jobName"] == "demo-train" and st["attempts"] == 1 and st["observedGeneration"] == 1
 
     # the progress channel: the pod's own ServiceAccount may patch this resource's status, nothing else
-    token = cluster.create_token(ns, "demo-train")
+    token = cluster.create_token(ns, support)
     cluster.request("PATCH", f"/apis/kubetune.dev/v1alpha1/namespaces/{ns}/finetunejobs/demo/status",
                     {"status": {"progress": {"step": 3, "totalSteps": 10, "percent": 30, "loss": 2.5}}},
                     token=token, content_type="application/merge-patch+json")
@@ -89,9 +91,10 @@ def test_apply_runs_succeeds_with_results(cluster, ns, operator_proc, operator_i
     assert "Forbidden" not in operator_proc.logs(), operator_proc.logs()[-3000:]  # the chart RBAC suffices
 
 
-def test_missing_secret_fails_without_pod_then_recovers(cluster, ns, operator_proc):
+def test_missing_secret_waits_without_pod_then_recovers(cluster, ns, operator_proc):
     create(cluster, ns, "FineTuneJob", "nosecret", ftj_spec())
-    st = wait_status(cluster, ns, "FineTuneJob", "nosecret", phase_is("Failed", "SecretNotFound"), 30)
+    # Pending (never Failed: Failed is final), Stalled says what is missing
+    st = wait_status(cluster, ns, "FineTuneJob", "nosecret", phase_is("Pending", "SecretNotFound"), 30)
     assert _conds(st)["Stalled"] == "True" and "s3-creds" in st["message"]
     time.sleep(3)
     assert job(cluster, ns, "nosecret-train") is None and pods(cluster, ns, "nosecret-train") == []
@@ -175,10 +178,11 @@ def test_delete_cascades_to_every_child(cluster, ns, operator_proc):
     create_s3_secret(cluster, ns)
     create(cluster, ns, "FineTuneJob", "gone", ftj_spec())
     wait_for(lambda: job(cluster, ns, "gone-train"), 60, "Job")
-    children = [f"/api/v1/namespaces/{ns}/configmaps/gone-train",
-                f"/api/v1/namespaces/{ns}/serviceaccounts/gone-train",
-                f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/gone-train",
-                f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/gone-train",
+    support = support_name(cluster, ns, "FineTuneJob", "gone")
+    children = [f"/api/v1/namespaces/{ns}/configmaps/{support}",
+                f"/api/v1/namespaces/{ns}/serviceaccounts/{support}",
+                f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/{support}",
+                f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/{support}",
                 f"/apis/batch/v1/namespaces/{ns}/jobs/gone-train"]
     for path in children:
         assert cluster.request("GET", path, ok404=True) is not None, path

@@ -36,7 +36,7 @@ def test_merge_job_waits_for_its_finetunejob(cluster, ns, operator_proc):
     mj = {"source": {"fineTuneJobRef": {"name": "base"}}, "output": {"uri": "s3://out/merged"},
           "resources": {"gpus": 0, "nodeSelector": dict(RUNNER)}}
     create(cluster, ns, "MergeJob", "publish", mj)
-    wait_status(cluster, ns, "MergeJob", "publish", phase_is("Failed", "FineTuneJobNotFound"), 30)
+    wait_status(cluster, ns, "MergeJob", "publish", phase_is("Pending", "FineTuneJobNotFound"), 30)
 
     create(cluster, ns, "FineTuneJob", "base", ftj_spec())
     wait_status(cluster, ns, "MergeJob", "publish", phase_is("Pending", "WaitingForFineTuneJob"), 60)

@@ -113,7 +113,7 @@ def test_mergejob_phases(mj_body):
         "Completed", "merged", mergedUri="s3://out/merged")})
     done = with_status(mj_body(), job_dict("demo-merged-merge", conditions=[jcond("Complete")], succeeded=1), [pod])
     assert argo_health("mergejob.lua", done) == ("Healthy", "Succeeded: merged model at s3://out/merged")
-    gone = with_status(mj_body(), None, [], blocked=status.Verdict("Failed", "FineTuneJobNotFound", "no demo",
+    gone = with_status(mj_body(), None, [], blocked=status.Verdict("Pending", "FineTuneJobNotFound", "no demo",
                                                                    stalled=True))
     assert argo_health("mergejob.lua", gone) == ("Degraded", "FineTuneJobNotFound: no demo")
 

@@ -249,11 +249,13 @@ def test_suspend_waits_for_the_running_pod_to_save_and_stop(ftj_body):
 
 
 def test_blocked_verdict_overrides(ftj_body):
-    blocked = status.Verdict("Failed", "SecretNotFound", "Secret 's3-creds' not found", stalled=True)
+    blocked = status.Verdict("Pending", "SecretNotFound", "Secret 's3-creds' not found", stalled=True)
     st = derive(ftj_body(), None, [], blocked=blocked)
-    assert st["phase"] == "Failed" and _types(st) == {"Ready": "False", "Stalled": "True", "Failed": "True"}
+    assert st["phase"] == "Pending" and _types(st) == {"Ready": "False", "Stalled": "True"}
     assert _cond(st, "Stalled")["reason"] == "SecretNotFound"
     assert not status.is_finished(st)  # re-checked: the Secret may appear
+    invalid = derive(ftj_body(), None, [], blocked=status.Verdict("Failed", "InvalidSpec", "bad", stalled=True))
+    assert status.is_finished(invalid)  # Failed is final: the spec is immutable
 
 
 def test_transition_times_kept_and_restart_recomputes_the_same_status(ftj_body):

@@ -42,7 +42,7 @@ def test_missing_secret_and_missing_key(ftj_body):
     spec = api.FineTuneJobSpec.model_validate(ftj_body()["spec"])
     needs = validation.secret_needs(spec)
     verdict = validation.check_secrets(needs, {"s3-creds": None, "hf-token": _secret("token")})
-    assert verdict.reason == "SecretNotFound" and verdict.phase == "Failed" and verdict.stalled
+    assert verdict.reason == "SecretNotFound" and verdict.phase == "Pending" and verdict.stalled  # not final
     assert "Secret 's3-creds' (spec.storage.secretRef) not found" in verdict.message
     verdict = validation.check_secrets(needs, {"s3-creds": _secret("AWS_ACCESS_KEY_ID"), "hf-token": _secret("token")})
     assert "has no key 'AWS_SECRET_ACCESS_KEY'" in verdict.message
@@ -78,8 +78,11 @@ def test_merge_source_states():
     failed = validation.check_fine_tune_job("demo", {"status": {"phase": "Failed", "jobName": "demo-train",
                                                                 "message": "OOM"}})
     assert (failed.phase, failed.reason) == ("Failed", "FineTuneJobFailed") and "OOM" in failed.message
-    # a FineTuneJob blocked on validation (no Job yet) may still recover: keep waiting
-    blocked = validation.check_fine_tune_job("demo", {"status": {"phase": "Failed", "message": "Secret"}})
+    # Failed is final even without a Job (an invalid spec): the MergeJob fails too, it does not wait
+    invalid = validation.check_fine_tune_job("demo", {"status": {"phase": "Failed", "message": "invalid spec"}})
+    assert (invalid.phase, invalid.reason) == ("Failed", "FineTuneJobFailed")
+    # a FineTuneJob blocked on a missing Secret may still recover: keep waiting
+    blocked = validation.check_fine_tune_job("demo", {"status": {"phase": "Pending", "message": "Secret"}})
     assert blocked.reason == "WaitingForFineTuneJob"
     no_adapter = validation.check_fine_tune_job("demo", {"status": {"phase": "Succeeded"}})
     assert no_adapter.reason == "AdapterNotFound"
