@@ -770,6 +770,7 @@ class LocalCluster:
         self.timings: dict[str, float] = {}  # startup phase -> seconds
         self._background = False
         self.real_node = False  # kubelet + containerd + kube-proxy + CoreDNS (hack/realnode.py)
+        self._args: dict[str, tuple[str, list[str]]] = {}  # name -> (exe, args) as spawned (for restarts)
 
     # -- well-known paths
     @property
@@ -798,6 +799,29 @@ class LocalCluster:
 
     def log_file(self, component: str) -> Path:
         return self.run_dir / "logs" / f"{component}.log"
+
+    @property
+    def audit_log(self) -> Path:
+        """The API server's audit log: one JSON event (level Metadata: user, verb, requestURI,
+        userAgent, response code) per request made with a ServiceAccount token outside kube-system,
+        i.e. by the operator and the pods under test, not by the control plane itself."""
+        return self.run_dir / "logs" / "audit.log"
+
+    def audit_events(self, username: str | None = None) -> list[dict]:
+        """The audit log's events (completed requests), optionally only ``username``'s."""
+        if not self.audit_log.exists():
+            return []
+        events = []
+        for line in self.audit_log.read_text(errors="replace").splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            if ev.get("stage") == "ResponseComplete" and (
+                username is None or (ev.get("user") or {}).get("username") == username
+            ):
+                events.append(ev)
+        return events
 
     def env(self) -> dict[str, str]:
         return {"KUBECONFIG": str(self.kubeconfig)}
@@ -920,6 +944,7 @@ class LocalCluster:
             )
         self._popen[name] = p
         self.processes[name] = {"pid": p.pid, "start_time": _proc_start_time(p.pid), "log": str(log)}
+        self._args[name] = (exe, list(args))
         return p
 
     def _wait(self, name: str, check, deadline: float, what: str) -> None:
@@ -1018,6 +1043,10 @@ class LocalCluster:
                 "--disable-admission-plugins=TaintNodesByCondition",
                 "--profiling=false",
                 "--v=0",
+                f"--audit-policy-file={self._audit_policy()}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-maxbackup=1",
                 *self._apiserver_node_args(),
             ],
             extra,
@@ -1113,6 +1142,28 @@ class LocalCluster:
         )
         if self.real_node:
             realnode.start(self, deadline, self.pause_image())
+
+    def _audit_policy(self) -> Path:
+        policy = self.run_dir / "audit-policy.yaml"
+        policy.write_text(json.dumps({
+            "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+            "rules": [
+                {"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
+                {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+                {"level": "None"},
+            ]}))
+        return policy
+
+    def restart_apiserver(self, down_seconds: float = 0.0, timeout: float = 60.0) -> None:
+        """Stop kube-apiserver (SIGTERM), stay down ``down_seconds``, start it again with the same
+        arguments and wait for /readyz: every watch breaks, clients see connection errors (a fault
+        for tests; etcd keeps the state)."""
+        info = self.processes["kube-apiserver"]
+        _terminate(info["pid"], info.get("start_time"), reap=self._popen.get("kube-apiserver"))
+        time.sleep(down_seconds)
+        exe, args = self._args["kube-apiserver"]
+        self._spawn_exe("kube-apiserver", exe, args)
+        self._wait("kube-apiserver", lambda: self._readyz(), time.monotonic() + timeout, "GET /readyz")
 
     def _apiserver_node_args(self) -> list[str]:
         """Loopback only, no endpoints for the `kubernetes` Service -- unless a real node runs pods,
