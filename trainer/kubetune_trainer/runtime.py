@@ -1,12 +1,21 @@
 """What every kubetune container does around its recipe: read the spec, report status, exit clearly.
 
 * :func:`load_spec` validates the mounted spec with the shared API models.
-* :class:`StatusReporter` is the progress channel: it merge-patches the resource's ``/status`` with
+* :class:`StatusReporter` is the progress channel: it patches the resource's ``/status`` with
   the pod's own ServiceAccount token. The operator gives each job a ServiceAccount whose Role
   allows ``patch`` on that one resource's status only (``resourceNames``), so a compromised
   trainer can touch nothing else. The pod writes ``stage`` (what it is doing now), ``progress`` and
-  its results there; ``message`` belongs to the operator. The reporter never raises: training goes
-  on if it fails.
+  its results there (:data:`POD_FIELDS`); ``phase``, ``message`` and the rest belong to the operator
+  (the chart's ValidatingAdmissionPolicy refuses them from any ServiceAccount but the operator's).
+  The reporter never raises: training goes on if it fails.
+* The uid guard. Given the resource's uid (``KUBETUNE_UID``), every patch is a JSON patch whose first
+  operation tests ``/metadata/uid``, so it applies atomically to that very resource only: a patch
+  that reaches a namesake re-created after its deletion is refused (HTTP 422). (A merge patch cannot
+  carry the guard: the status subresource ignores ``metadata`` in the patch.) On a 422 the reporter
+  reads the resource once: another uid means this pod works for a resource that no longer exists,
+  so it logs that once and stops reporting for good; the same uid without a status (the operator
+  has not written its first one) is answered by one patch that adds the whole status, guarded by
+  the uid and the resourceVersion just read. Without a uid (a local run) it merge-patches.
 * Two ways through the channel. ``stage``, ``checkpointUri`` and the final result are rare and go
   out synchronously with :meth:`StatusReporter.patch` (each waits at most ``timeout``, 10 s, per
   request). ``progress`` is frequent (every logging step) and goes through a
@@ -106,15 +115,18 @@ def load_spec(source: str, model: type[SpecT]) -> SpecT:
 
 
 class StatusReporter:
-    """Merge-patches ``<kind>/<name>/status`` through the API server with the pod's own token."""
+    """Patches ``<kind>/<name>/status`` through the API server with the pod's own token (uid-guarded)."""
 
     PLURALS = {"FineTuneJob": "finetunejobs", "MergeJob": "mergejobs"}
 
     def __init__(self, server: str | None, token_file: Path | None, ca_file: Path | None,
-                 kind: str | None, name: str | None, namespace: str | None, timeout: float = 10.0):
+                 kind: str | None, name: str | None, namespace: str | None, timeout: float = 10.0,
+                 uid: str | None = None):
         self.server, self.token_file, self.ca_file = server, token_file, ca_file
         self.kind, self.name, self.namespace, self.timeout = kind, name, namespace, timeout
+        self.uid = uid or None
         self.enabled = bool(server and token_file and kind in self.PLURALS and name and namespace)
+        self.stopped: str | None = None  # why reporting stopped for good (the resource is not this pod's)
         self._warned = False
         self.failures = 0
         self._lock = threading.Lock()  # one request at a time: patches land in the order they were sent
@@ -136,6 +148,7 @@ class StatusReporter:
             kind=env.get(contract.ENV_KIND),
             name=env.get(contract.ENV_NAME),
             namespace=env.get(contract.ENV_NAMESPACE) or _read(sa_dir / "namespace"),
+            uid=env.get(contract.ENV_UID),
         )
 
     def url(self) -> str:
@@ -143,7 +156,9 @@ class StatusReporter:
         return f"{self.server}/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{plural}/{self.name}/status"
 
     def patch(self, status: dict[str, Any]) -> bool:
-        """Merge-patch a camelCase status fragment. Never raises; returns whether it landed.
+        """Write a camelCase status fragment: each top-level key it names is set (replaced whole, as
+        every caller sends whole values), the others are left alone. Never raises; returns whether
+        it landed (False for good once the resource turned out to be a re-created namesake).
 
         Synchronous: it waits for the API server (at most ``timeout``, plus a request already in
         flight from the :class:`ProgressSender`). Progress goes through a ``ProgressSender`` instead."""
@@ -154,25 +169,87 @@ class StatusReporter:
 
     def _send(self, status: dict[str, Any]) -> bool:
         try:
-            token = Path(self.token_file or "").read_text().strip()  # re-read: projected tokens rotate
-            body = json.dumps({"status": bounded(status)}).encode()
-            req = urllib.request.Request(self.url(), data=body, method="PATCH", headers={
-                "Authorization": f"Bearer {token}",
-                "Content-Type": "application/merge-patch+json",
-                "Accept": "application/json",
-            })
-            context = ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else None
-            with urllib.request.urlopen(req, timeout=self.timeout, context=context) as resp:
-                resp.read()
-            return True
+            if self.uid is None:
+                self._call("PATCH", {"status": bounded(status)}, MERGE_PATCH)
+                return True
+            return self._send_guarded(bounded(status))
         except (OSError, urllib.error.URLError, ValueError) as err:
             self.failures += 1
             if not self._warned:
-                detail = err.read().decode(errors="replace")[:300] if isinstance(err, urllib.error.HTTPError) else ""
+                detail = err.text[:300] if isinstance(err, _HttpError) else ""
                 log.warning("status channel failed (training goes on; results still reach the operator "
                             "through the termination message): %s %s", err, detail)
                 self._warned = True
             return False
+
+    def _send_guarded(self, status: dict[str, Any]) -> bool:
+        """A JSON patch that applies only to the resource with ``self.uid`` (see the module docstring)."""
+        fields = {k: v for k, v in status.items() if v is not None}  # a JSON patch cannot "merge" a null
+        guard = {"op": "test", "path": "/metadata/uid", "value": self.uid}
+        try:
+            self._call("PATCH", [guard, *({"op": "add", "path": f"/status/{_pointer(k)}", "value": v}
+                                          for k, v in fields.items())], JSON_PATCH)
+            return True
+        except _HttpError as err:
+            if err.code != 422:  # 422: the patch did not apply (or the values are invalid): look why
+                raise
+            refused = err
+        current = self._call("GET")  # get on its own status is in the pod's Role
+        meta = current.get("metadata") or {}
+        if meta.get("uid") != self.uid:
+            self._stop(f"{self.kind} {self.namespace}/{self.name} is now another resource (uid "
+                       f"{meta.get('uid')}, this pod's was {self.uid}): the one this pod works for was deleted")
+            return False
+        if "status" in current:
+            raise refused  # the values themselves were refused
+        unchanged = {"op": "test", "path": "/metadata/resourceVersion", "value": meta.get("resourceVersion")}
+        self._call("PATCH", [guard, unchanged, {"op": "add", "path": "/status", "value": fields}], JSON_PATCH)
+        return True
+
+    def _stop(self, why: str) -> None:
+        self.enabled, self.stopped = False, why
+        self.failures += 1
+        log.warning("status channel stopped for good (training goes on): %s", why)
+
+    def _call(self, method: str, body: Any = None, content_type: str | None = None) -> dict[str, Any]:
+        """One request to ``url()`` with the pod's token; the parsed answer. Raises :class:`_HttpError`
+        (an OSError) on an HTTP error status."""
+        token = Path(self.token_file or "").read_text().strip()  # re-read: projected tokens rotate
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url(), data=data, method=method, headers=headers)
+        context = ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else None
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=context) as resp:
+                text = resp.read()
+        except urllib.error.HTTPError as err:
+            raise _HttpError(err.code, err.read().decode(errors="replace"), f"{method} {err}") from None
+        answer = json.loads(text) if text else {}
+        return answer if isinstance(answer, dict) else {}
+
+
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+POD_FIELDS = {
+    "FineTuneJob": ("stage", "progress", "data", "checkpointUri", "adapterUri", "reportUri", "wandbUrl"),
+    "MergeJob": ("stage", "mergedUri", "adapterUri", "verification", "samples"),
+}
+"""The status fields a pod writes (the chart's progress-channel policy allows exactly these from a pod)."""
+
+
+class _HttpError(OSError):
+    """An HTTP error answer from the API server: its code and body."""
+
+    def __init__(self, code: int, text: str, what: str):
+        super().__init__(what)
+        self.code, self.text = code, text
+
+
+def _pointer(key: str) -> str:
+    """``key`` as one JSON-pointer token (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")
 
 
 PROGRESS_INTERVAL_S = 5.0
