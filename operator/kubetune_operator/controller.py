@@ -49,6 +49,8 @@ log = logging.getLogger("kubetune.operator")
 
 RESYNC_SECONDS = 600.0  # relist everything, prune what vanished, reconcile what is unfinished
 RESYNC_FIRST = 30.0  # the first relist after start: closes the window between prefill and kopf's own lists
+HEARTBEAT_SECONDS = 5.0  # an idle worker beats this often (/healthz)
+WORKER_STUCK_SECONDS = 300.0  # a worker silent this long is stuck in one reconcile: /healthz fails
 CHILD_CHECK_SECONDS = 30.0  # a Job without a pod re-checks its support objects at most this often
 BACKOFF_FIRST, BACKOFF_MAX = 5.0, 300.0  # re-check of blocked resources and of failed reconciles
 WORKERS = 8
@@ -141,22 +143,31 @@ class Controller:
         self._children_pool.shutdown(wait=False, cancel_futures=True)
 
     def _work(self) -> None:
-        while (key := self.queue.get()) is not None:
+        name = f"worker-{threading.current_thread().name}"
+        while not (self._stopping.is_set() or self.queue.closed):
+            metrics.HEALTH.beat(name, WORKER_STUCK_SECONDS)
+            key = self.queue.get(timeout=HEARTBEAT_SECONDS)
+            if key is None:
+                continue  # idle (or shut down: the loop ends)
             try:
                 self.reconcile(key)  # type: ignore[arg-type]
             finally:
                 self.queue.done(key)
+        metrics.HEALTH.forget(name)
 
     # -- the relist (watch gaps)
 
     def _resync_loop(self) -> None:
         delay = min(RESYNC_FIRST, self.resync_seconds)
+        metrics.HEALTH.beat("relist", 3 * self.resync_seconds + delay)
         while not self._stopping.wait(delay):
             delay = self.resync_seconds
             try:
                 self.resync()
+                metrics.HEALTH.beat("relist", 3 * self.resync_seconds)
             except Exception as err:  # noqa: BLE001 - the next round tries again
                 log.warning("resync failed: %s", err, exc_info=not isinstance(err, (ApiError, OSError)))
+        metrics.HEALTH.forget("relist")
 
     def resync(self) -> None:
         """List the resources, Jobs and pods again (one LIST per kind and namespace), replace the

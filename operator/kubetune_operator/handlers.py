@@ -11,6 +11,7 @@ so kopf keeps no per-object state in the cluster: no annotations, no finalizers,
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from typing import Any
@@ -25,6 +26,7 @@ log = logging.getLogger("kubetune.operator")
 PLURALS = ("finetunejobs", "mergejobs")
 
 _controller: Controller | None = None
+_tasks: set[asyncio.Task[None]] = set()
 _namespaces: list[str] | None = None
 
 
@@ -76,9 +78,24 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     metrics.HEALTH.ready = True
 
 
+@kopf.on.startup()
+async def loop_heartbeat(**_: Any) -> None:
+    """/healthz fails when kopf's event loop stops turning (a blocking call in it, a deadlock)."""
+
+    async def beat() -> None:
+        while True:
+            metrics.HEALTH.beat("event-loop", 30.0)
+            await asyncio.sleep(5.0)
+
+    _tasks.add(asyncio.get_running_loop().create_task(beat()))
+
+
 @kopf.on.cleanup()
 def cleanup(**_: Any) -> None:
     metrics.HEALTH.ready = False
+    for task in _tasks:
+        task.cancel()
+    metrics.HEALTH.forget("event-loop")
     controller().stop()
 
 

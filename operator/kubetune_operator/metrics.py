@@ -1,8 +1,11 @@
 """Prometheus metrics and the health endpoints, on one small HTTP server.
 
     GET /metrics   Prometheus text format
-    GET /healthz   200 while the process is healthy (the kopf loop is alive, or this replica is a
-                   standby waiting for the leader Lease); 503 otherwise
+    GET /healthz   200 while the process is healthy: every heartbeat is fresh -- kopf's event loop
+                   (beats every 5 s unless blocked), each reconcile worker (idle or busy, not stuck
+                   in one reconcile for minutes), the relist (a successful LIST of everything at
+                   least every 3 resync periods) -- or this replica is a standby; 503 naming the
+                   stale heartbeat otherwise (the kubelet then restarts the container)
     GET /readyz    200 once this replica leads and kopf is running; 503 otherwise
 
 Metrics: ``kubetune_jobs{kind,phase}`` (resources by phase), ``kubetune_reconcile_duration_seconds``
@@ -14,6 +17,7 @@ worker: a queue that stays long means the operator or the API server cannot keep
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter as _Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -60,11 +64,36 @@ def forget(key: str) -> None:
 
 
 class Health:
-    """What /healthz and /readyz answer; set by the CLI as the operator starts, leads, stops."""
+    """What /healthz and /readyz answer; set by the CLI as the operator starts, leads, stops, and
+    by the heartbeats of the parts that must keep moving."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = time.monotonic) -> None:
         self.alive = True
         self.ready = False
+        self._clock = clock
+        self._beats: dict[str, tuple[float, float]] = {}  # name -> (last beat, max age)
+        self._lock = threading.Lock()
+
+    def beat(self, name: str, max_age: float) -> None:
+        """``name`` is alive now and must beat again within ``max_age`` seconds."""
+        with self._lock:
+            self._beats[name] = (self._clock(), max_age)
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._beats.pop(name, None)
+
+    def stale(self) -> list[str]:
+        """The heartbeats that are late."""
+        now = self._clock()
+        with self._lock:
+            return sorted(n for n, (t, age) in self._beats.items() if now - t > age)
+
+    def healthy(self) -> tuple[bool, str]:
+        if not self.alive:
+            return False, "unhealthy\n"
+        late = self.stale()
+        return (False, f"stale: {', '.join(late)}\n") if late else (True, "ok\n")
 
 
 HEALTH = Health()
@@ -76,7 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
         elif path in ("/healthz", "/livez"):
-            self._send(200 if HEALTH.alive else 503, b"ok\n" if HEALTH.alive else b"unhealthy\n")
+            ok, text = HEALTH.healthy()
+            self._send(200 if ok else 503, text.encode())
         elif path == "/readyz":
             self._send(200 if HEALTH.ready else 503, b"ok\n" if HEALTH.ready else b"not ready\n")
         else:

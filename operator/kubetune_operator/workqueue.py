@@ -118,6 +118,11 @@ class WorkQueue:
                 self._queue.append(key)
                 self._cond.notify()
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`shutdown` was called."""
+        return self._shutdown
+
     def shutdown(self) -> None:
         with self._cond:
             self._shutdown = True

@@ -134,6 +134,7 @@ def test_helm_lint_and_render_cluster_wide():
     (container,) = dep["spec"]["template"]["spec"]["containers"]
     assert container["image"] == f"ghcr.io/kubetune/operator:{__version__}"
     assert container["args"] == ["operator", "--all-namespaces", "--metrics-port=8080", "--log-format=json",
+                                 "--startup-timeout=900", "--resync-seconds=600",
                                  "--leader-elect", "--lease-name=kubetune-operator"]
     assert {"name": "KUBETUNE_TRAINER_IMAGE", "value": "ghcr.io/kubetune/trainer:0.1.0"} in container["env"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
