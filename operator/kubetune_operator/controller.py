@@ -42,7 +42,7 @@ from typing import Any
 from kubetune import api, contract
 from kubetune_operator import builders, metrics, status, validation
 from kubetune_operator.cache import Cache, Key, key_of
-from kubetune_operator.kube import ApiError, Kube
+from kubetune_operator.kube import ApiError, Fenced, Kube
 from kubetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger("kubetune.operator")
@@ -253,7 +253,7 @@ class Controller:
                 metrics.RECONCILE_ERRORS.labels(kind).inc()
                 delay = self.queue.retry(key)
                 log.warning("reconcile %s failed (retry in %.0fs): %s", _name(key), delay, err,
-                            exc_info=not isinstance(err, ApiError))
+                            exc_info=not isinstance(err, (ApiError, Fenced)))
                 return
         if blocked:
             self.queue.retry(key)
@@ -413,11 +413,15 @@ class Controller:
     def _create_support(self, body: dict[str, Any], spec: Any | None) -> list[str]:
         """Create the four support objects at once (they are independent); a 409 means it exists, and
         their uid-derived names make it ours. -> the kinds that had to be created."""
-        children = [builders.service_account(body), builders.role(body), builders.role_binding(body)]
+        children = [builders.service_account(body), builders.role(body)]
         if spec is not None:
             children.insert(0, builders.config_map(body, spec))
         futures = [self._children_pool.submit(self.kube.create, child, read_existing=False) for child in children]
-        return [child["kind"] for child, future in zip(children, futures, strict=True) if future.result()[1]]
+        created = [child["kind"] for child, future in zip(children, futures, strict=True) if future.result()[1]]
+        # the RoleBinding after its Role: the API server resolves the Role to check for escalation (404 if absent)
+        if self.kube.create(builders.role_binding(body), read_existing=False)[1]:
+            created.append("RoleBinding")
+        return created
 
     def _check_children(self, key: Key, body: dict[str, Any], spec: Any) -> None:
         """The Job exists but has no pod: re-create a missing support object (deleted by hand, or by the
