@@ -4,6 +4,10 @@
     kubetune operator --all-namespaces --leader-elect         # cluster-wide, one active replica
 
 kopf (and the kubernetes client) are imported inside the command, so ``kubetune --help`` stays fast.
+
+With ``--leader-elect``, losing the Lease (another holder, or no renewal within the renew deadline)
+fences the API client first -- no write leaves the process from then on, kopf's Event posts included
+-- then stops the workers and exits 1, at the latest ``EXIT_GRACE`` seconds later (``os._exit``).
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import socket
 import sys
 import threading
 import uuid
+from typing import Any
 
 import click
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+EXIT_GRACE = 2.0  # seconds a replica that lost the lease may take to exit cleanly before os._exit(1)
 
 
 @click.command(name="operator")
@@ -36,6 +42,12 @@ DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
               help="Hold a coordination.k8s.io Lease so only one replica acts.")
 @click.option("--lease-namespace", envvar="POD_NAMESPACE", default="default", show_default=True)
 @click.option("--lease-name", default="kubetune-operator", show_default=True)
+@click.option("--lease-duration", type=float, default=15.0, show_default=True, metavar="SECONDS",
+              help="A standby takes over once it has seen the Lease unchanged for this long.")
+@click.option("--renew-deadline", type=float, default=10.0, show_default=True, metavar="SECONDS",
+              help="The leader stops writing and exits when it has not renewed for this long.")
+@click.option("--retry-period", type=float, default=2.0, show_default=True, metavar="SECONDS",
+              help="How often the leader renews and a standby retries.")
 @click.option("--startup-timeout", envvar="KUBETUNE_STARTUP_TIMEOUT", type=click.IntRange(30), default=900,
               show_default=True, help="Fail a job whose pod has not started running after this many seconds "
               "(ImagePullBackOff, Unschedulable, ...), unless its spec.startupTimeoutSeconds says otherwise.")
@@ -45,35 +57,49 @@ DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 @click.option("--log-format", type=click.Choice(["plain", "full", "json"]), default="plain", show_default=True)
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def operator(namespaces: tuple[str, ...], all_namespaces: bool, trainer_image: str, metrics_port: int,
-             liveness: str | None, leader_elect: bool, lease_namespace: str, lease_name: str, startup_timeout: int,
+             liveness: str | None, leader_elect: bool, lease_namespace: str, lease_name: str,
+             lease_duration: float, renew_deadline: float, retry_period: float, startup_timeout: int,
              resync_seconds: float, log_format: str, verbose: bool) -> None:
     """Run the operator (reconciles FineTuneJob and MergeJob into batch/v1 Jobs)."""
     if bool(namespaces) == all_namespaces:
         raise click.UsageError("give --namespace (one or more) or --all-namespaces")
+    from kubetune_operator.leader import LeaderElector, Timing
+
+    try:
+        timing = Timing(lease_duration, renew_deadline, retry_period)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
     import kopf
 
     from kubetune_operator import builders, handlers, metrics
     from kubetune_operator.controller import Controller
     from kubetune_operator.kube import Kube
-    from kubetune_operator.leader import LeaderElector
 
     kopf.configure(verbose=verbose, log_format={"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL,
                                                 "json": kopf.LogFormat.JSON}[log_format])
     if not verbose:  # kopf logs every handled watch event at INFO ("Handler ... succeeded"): noise at scale
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    kube = Kube.from_environment()
-    handlers.configure(Controller(kube, builders.Settings(trainer_image=trainer_image,
-                                                          startup_timeout_seconds=startup_timeout),
-                                  resync_seconds=resync_seconds),
-                       None if all_namespaces else list(namespaces))
+    identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    user_agent = f"kubetune-operator/{identity}"  # the API server's audit log tells replicas apart
+    kube = Kube.from_environment(user_agent)
+    controller = Controller(kube, builders.Settings(trainer_image=trainer_image,
+                                                    startup_timeout_seconds=startup_timeout),
+                            resync_seconds=resync_seconds)
+    handlers.configure(controller, None if all_namespaces else list(namespaces))
+    _kopf_login(kube, user_agent)
     if metrics_port:
         metrics.serve(metrics_port)
 
     lost = threading.Event()
     elector = None
     if leader_elect:
-        identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-        elector = LeaderElector(kube, lease_namespace, lease_name, identity)
+        # The Lease has a client of its own (own connection pool, no fence); the operator's client
+        # refuses writes unless this replica leads within its renew deadline.
+        elector = LeaderElector(Kube.from_environment(user_agent), lease_namespace, lease_name, identity, timing)
+        kube.write_guard = elector.write_refusal
+        logging.getLogger("kubetune.leader").info(
+            "leader election as %s: Lease %s/%s, lease %gs, renew deadline %gs, retry %gs", identity,
+            lease_namespace, lease_name, timing.lease_duration, timing.renew_deadline, timing.retry_period)
         previous = {s: signal.signal(s, lambda *_: elector.stop()) for s in (signal.SIGTERM, signal.SIGINT)}
         if not elector.acquire():
             return  # stopped while standing by
@@ -90,8 +116,13 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, trainer_image: s
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
-        def on_lost() -> None:
+        def on_lost() -> None:  # in the lease thread: fence first, then stop everything
+            kube.fence("lost the leader lease")
             lost.set()
+            metrics.HEALTH.ready, metrics.HEALTH.alive = False, False
+            metrics.LEADER.set(0)
+            controller.stop(timeout=0)  # queue.shutdown(): the workers take no new key
+            _exit_later(EXIT_GRACE)
             loop.call_soon_threadsafe(stop.set)
 
         if elector is not None:
@@ -104,12 +135,62 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, trainer_image: s
     finally:
         metrics.HEALTH.ready = False
         metrics.LEADER.set(0)
+        kube.fence("stopping")  # nothing more, even from a worker that outlived its join, once the Lease is free
         if elector is not None and not lost.is_set():
             elector.release()
     if lost.is_set():
-        metrics.HEALTH.alive = False
         click.echo("lost the leader lease; exiting", err=True)
         sys.exit(1)
+
+
+def _exit_later(seconds: float) -> None:
+    """``os._exit(1)`` in ``seconds`` unless the process has exited by then (kopf's graceful stop and
+    the workers' join may take longer; nothing they do reaches the API server any more)."""
+
+    def bye() -> None:
+        logging.getLogger("kubetune.operator").error("lost the leader lease; exiting now (after %gs)", seconds)
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, bye)
+    timer.daemon = True
+    timer.start()
+
+
+def _fence_middleware(kube: Any) -> Any:
+    """An aiohttp client middleware: a write that ``kube`` refuses raises Fenced before it is sent."""
+
+    async def fence(request: Any, handler: Any) -> Any:
+        kube.check_write(request.method, request.url.path)
+        return await handler(request)
+
+    return fence
+
+
+def _kopf_login(kube: Any, user_agent: str) -> None:
+    """kopf's own requests (its watches, the Events it posts) go through an aiohttp session with this
+    replica's User-Agent and the same write fence as ``kube``: a kopf login handler that takes the
+    credentials kopf would (``kopf.login_via_client``) and builds the session kopf would build."""
+    import importlib.metadata
+
+    import aiohttp
+    import kopf
+
+    agent = f"{user_agent} kopf/{importlib.metadata.version('kopf')}"
+    fence = _fence_middleware(kube)
+
+    @kopf.on.login(id="kubetune")
+    async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
+        info = kopf.login_via_client(**kwargs)
+        if info is None:
+            return None
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=info.as_ssl_context()),
+            headers={**info.as_http_headers(), "User-Agent": agent},
+            proxy=info.proxy_url, trust_env=info.trust_env, middlewares=(fence,))
+        return kopf.AiohttpSession(aiohttp_session=session, server=info.server, priority=info.priority,
+                                   default_namespace=info.default_namespace, expiration=info.expiration)
 
 
 if __name__ == "__main__":  # pragma: no cover

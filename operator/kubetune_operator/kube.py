@@ -3,12 +3,18 @@
 Credentials come from the ``kubernetes`` package's loaders (in-cluster ServiceAccount, else
 ``$KUBECONFIG``/``~/.kube/config``); requests go through urllib3. Only what the operator needs:
 get, list (label selector), create, merge-patch (object or status subresource).
+
+Writes can be *fenced* (leader election, leader.py): with a ``write_guard`` that refuses, or after
+``fence()``, every POST/PUT/PATCH/DELETE raises :class:`Fenced` before anything is sent. A
+``timeout`` bounds one request as a whole (one attempt, no retries): a caller with a deadline.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -28,6 +34,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "FineTuneJob": (f"/apis/{api.API_VERSION}", "finetunejobs"),
     "MergeJob": (f"/apis/{api.API_VERSION}", "mergejobs"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
+    "Workload": ("/apis/kueue.x-k8s.io/v1beta2", "workloads"),  # Kueue >= 0.15 (kubetune_operator.kueue)
 }
 
 
@@ -44,12 +51,23 @@ class ApiError(Exception):
         super().__init__(f"{method} {path}: HTTP {status}: {detail[:500]}")
 
 
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+WRITE_CONNECT_RETRIES = 3  # a write whose connection failed was not sent: try again (fence checked each time)
+
+
+class Fenced(RuntimeError):
+    """A write refused without being sent: this replica is not (or may no longer be) the leader."""
+
+
 class Kube:
     """The API client. ``Kube.from_environment()`` loads credentials like kubectl does."""
 
-    def __init__(self, configuration: Any) -> None:
+    def __init__(self, configuration: Any, user_agent: str = "kubetune-operator") -> None:
         self._cfg = configuration
         self._lock = threading.Lock()
+        self.user_agent = user_agent  # with the replica's identity: the audit log tells replicas apart
+        self.write_guard: Callable[[], str | None] | None = None  # a reason to refuse writes, or None
+        self._fenced: str | None = None
         kwargs: dict[str, Any] = {"maxsize": 32, "timeout": urllib3.Timeout(connect=10, read=60),
                                   "retries": urllib3.Retry(total=3, connect=3, read=0, status=0, backoff_factor=0.5)}
         if configuration.host.startswith("https"):
@@ -62,7 +80,7 @@ class Kube:
         self._http = urllib3.PoolManager(**kwargs)
 
     @classmethod
-    def from_environment(cls) -> Kube:
+    def from_environment(cls, user_agent: str = "kubetune-operator") -> Kube:
         from kubernetes import client, config
 
         cfg = client.Configuration()
@@ -70,12 +88,12 @@ class Kube:
             config.load_incluster_config(client_configuration=cfg)
         except config.ConfigException:
             config.load_kube_config(client_configuration=cfg)
-        return cls(cfg)
+        return cls(cfg, user_agent)
 
     # -- plumbing
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": "kubetune-operator"}
+        headers = {"Accept": "application/json", "User-Agent": self.user_agent}
         if content_type:
             headers["Content-Type"] = content_type
         with self._lock:  # the token may be refreshed (projected ServiceAccount tokens rotate)
@@ -85,16 +103,57 @@ class Kube:
             headers["Authorization"] = token if token.lower().startswith("bearer ") else f"Bearer {token}"
         return headers
 
+    # -- fencing
+
+    def fence(self, reason: str) -> None:
+        """Refuse every write from now on (this replica lost, or is giving up, the leader lease)."""
+        self._fenced = self._fenced or reason
+
+    def write_refusal(self) -> str | None:
+        """Why a write would be refused now, or None."""
+        return self._fenced or (self.write_guard() if self.write_guard is not None else None)
+
+    def check_write(self, method: str, what: str) -> None:
+        """Raise :class:`Fenced` if ``method`` is a write and writes are refused now."""
+        if method.upper() in MUTATING and (reason := self.write_refusal()):
+            raise Fenced(f"{method} {what} not sent: {reason}")
+
     def request(self, method: str, path: str, body: Any = None, content_type: str | None = None,
-                query: dict[str, str] | None = None) -> dict[str, Any]:
+                query: dict[str, str] | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """One API call. ``timeout``: seconds for the whole request, in one attempt (no retries)."""
         url = self._cfg.host.rstrip("/") + path + (f"?{urlencode(query)}" if query else "")
         data = json.dumps(body).encode() if body is not None else None
-        resp = self._http.request(method, url, body=data,
-                                  headers=self._headers(content_type or ("application/json" if data else None)))
+        headers = self._headers(content_type or ("application/json" if data else None))
+        resp = self._send(method, path, url, data, headers, timeout)
         text = resp.data.decode(errors="replace")
         if resp.status >= 300:
             raise ApiError(resp.status, method, path, text)
         return json.loads(text) if text else {}
+
+    def _send(self, method: str, path: str, url: str, data: bytes | None, headers: dict[str, str],
+              timeout: float | None) -> Any:
+        if timeout is not None:
+            if timeout <= 0:
+                raise TimeoutError(f"{method} {path} not sent: no time left")
+            self.check_write(method, path)
+            return self._http.request(method, url, body=data, headers=headers, retries=False,
+                                      timeout=urllib3.Timeout(total=timeout))
+        if method.upper() not in MUTATING:
+            return self._http.request(method, url, body=data, headers=headers)
+        # A write: the fence is asked before every attempt, so a connect retry that comes late (after
+        # a freeze or a long backoff) cannot send a write this replica is no longer entitled to.
+        attempt = 0
+        while True:
+            self.check_write(method, path)
+            try:
+                return self._http.request(method, url, body=data, headers=headers,
+                                          retries=urllib3.Retry(total=0, read=0, status=0, redirect=False))
+            except urllib3.exceptions.MaxRetryError as err:  # urllib3 names a failed connect ConnectTimeoutError
+                unsent = isinstance(err.reason, urllib3.exceptions.ConnectTimeoutError)
+                if attempt == WRITE_CONNECT_RETRIES or not unsent:
+                    raise
+            time.sleep(0.5 * 2 ** attempt)
+            attempt += 1
 
     @staticmethod
     def path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
@@ -108,10 +167,10 @@ class Kube:
 
     # -- verbs
 
-    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, kind: str, namespace: str, name: str, timeout: float | None = None) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
         try:
-            return self.request("GET", self.path(kind, namespace, name))
+            return self.request("GET", self.path(kind, namespace, name), timeout=timeout)
         except ApiError as err:
             if err.status == 404:
                 return None
@@ -143,6 +202,6 @@ class Kube:
         return self.request("PATCH", self.path(kind, namespace, name, subresource), patch,
                             content_type="application/merge-patch+json")
 
-    def put(self, obj: dict[str, Any]) -> dict[str, Any]:
+    def put(self, obj: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         meta = obj["metadata"]
-        return self.request("PUT", self.path(obj["kind"], meta["namespace"], meta["name"]), obj)
+        return self.request("PUT", self.path(obj["kind"], meta["namespace"], meta["name"]), obj, timeout=timeout)

@@ -101,24 +101,38 @@ def test_rendered_chart_is_accepted_by_the_api_server(cluster, tmp_path):
 
 
 def test_leader_that_loses_its_lease_stops(cluster, ns, operator_identity, tmp_path):
-    """Split brain guard: if another identity takes the Lease, the old leader exits non-zero."""
+    """Split brain guard: once another identity holds the Lease, the old leader steps down at its next
+    renewal -- it never writes the Lease again -- and exits non-zero, well within a lease duration."""
     lease_ns, lease_name = operator_identity["namespace"], f"steal-{ns}"
     op = OperatorProcess(operator_identity["kubeconfig"], [ns], tmp_path / "op.log",
                          extra=["--leader-elect", "--lease-namespace", lease_ns, "--lease-name", lease_name]).start()
     try:
         path = f"/apis/coordination.k8s.io/v1/namespaces/{lease_ns}/leases/{lease_name}"
-        wait_for(lambda: cluster.request("GET", path, ok404=True), 60, "lease acquired")
+        wait_for(lambda: "acquired leader lease" in op.logs(), 60, "lease acquired")
+        identity = cluster.request("GET", path)["spec"]["holderIdentity"]
+        stolen = stolen_wall = None
         deadline = time.monotonic() + 60
         while op.proc.poll() is None and time.monotonic() < deadline:  # keep it stolen, as a rival would
             lease = cluster.request("GET", path)
             lease["spec"].update(holderIdentity="rival", renewTime=now_micro(), leaseDurationSeconds=15)
             try:
                 cluster.request("PUT", path, lease)
+                if stolen is None:
+                    stolen, stolen_wall = time.monotonic(), time.time()
             except Exception:  # noqa: BLE001 - a conflicting renewal: steal again
                 pass
-            time.sleep(1)
+            time.sleep(0.5)
+        exited = time.monotonic()
         assert op.proc.returncode == 1, op.logs()[-2000:]
-        assert "lost the leader lease" in op.logs()
+        assert "lost the leader lease" in op.logs() and "now held by rival" in op.logs()
+        assert stolen is not None and exited - stolen < 15, exited - stolen  # before any standby could take over
+        lease_writes = [e for e in cluster.audit_events("system:serviceaccount:kubetune-system:kubetune-operator")
+                        if (e.get("userAgent") or "").startswith(f"kubetune-operator/{identity}")
+                        and lease_name in e["requestURI"] and e["verb"] == "update"
+                        and (e.get("responseStatus") or {}).get("code", 0) < 300
+                        and dt.datetime.fromisoformat(e["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
+                        >= stolen_wall]
+        assert lease_writes == []
     finally:
         op.stop()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import socket
 import subprocess
 import sys
@@ -66,21 +65,21 @@ def test_health_and_readiness(server):
     assert _get(f"{server}/nope")[0] == 404
 
 
-NOW = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
-
-
-def _lease(holder: str | None, renewed_seconds_ago: float, duration: int = 15) -> dict:
-    renew = (NOW - dt.timedelta(seconds=renewed_seconds_ago)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return {"spec": {"holderIdentity": holder, "renewTime": renew, "leaseDurationSeconds": duration}}
+def _lease(holder: str | None, duration: int = 15) -> dict:
+    # renewTime from another node's clock, an hour behind: expiry never reads it
+    return {"spec": {"holderIdentity": holder, "renewTime": "2026-01-01T11:00:00.000000Z",
+                     "leaseDurationSeconds": duration}}
 
 
 def test_lease_decisions():
-    assert leader.can_acquire(None, "me", NOW)  # no lease yet
-    assert leader.can_acquire(_lease("me", 1), "me", NOW)  # renew our own
-    assert leader.can_acquire(_lease(None, 1), "me", NOW)  # released
-    assert not leader.can_acquire(_lease("other", 5), "me", NOW)  # held and fresh
-    assert leader.can_acquire(_lease("other", 16), "me", NOW)  # expired
-    assert not leader.can_acquire(_lease("other", 16, duration=30), "me", NOW)
+    """Observed time: a standby counts from when it saw the record change, on its own clock."""
+    seen = 100.0  # when this replica saw the current record (its monotonic clock)
+    assert leader.can_acquire(None, "me", seen, seen)  # no lease yet
+    assert leader.can_acquire(_lease("me"), "me", seen, seen + 1)  # renew our own
+    assert leader.can_acquire(_lease(None), "me", seen, seen + 1)  # released
+    assert not leader.can_acquire(_lease("other"), "me", seen, seen + 5)  # held, seen changing 5 s ago
+    assert leader.can_acquire(_lease("other"), "me", seen, seen + 15)  # unchanged for its lease duration
+    assert not leader.can_acquire(_lease("other", duration=30), "me", seen, seen + 16)
 
 
 def test_operator_cli_requires_a_scope():
@@ -97,3 +96,18 @@ def test_kubetune_help_does_not_import_kopf():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "operator" in out.stdout
+
+
+def test_healthz_names_a_stale_heartbeat():
+    now = [100.0]
+    health = metrics.Health(clock=lambda: now[0])
+    health.beat("worker-1", 300)
+    health.beat("event-loop", 30)
+    assert health.healthy() == (True, "ok\n")
+    now[0] += 60  # the event loop stopped turning; the worker is still within its limit
+    assert health.healthy() == (False, "stale: event-loop\n")
+    health.beat("event-loop", 30)
+    health.forget("worker-1")
+    now[0] += 400
+    health.beat("event-loop", 30)
+    assert health.healthy() == (True, "ok\n")  # a forgotten heartbeat (stopped worker) does not count
