@@ -21,9 +21,10 @@ install: $(VENV)/.installed system-deps ## create .venv and install kubetune wit
 system-deps: ## Debian packages the tests use (lua5.4: Argo CD health checks; the rest: the real node and its images)
 	@bash hack/system-deps.sh
 
-cluster-build: ## build the local control plane (+ kubelet, kube-proxy, CoreDNS for the real node) once, cached
+cluster-build: ## build the local control plane (+ kubelet, kube-proxy, CoreDNS for the real node, Kueue) once, cached
 	python3 hack/cluster.py build --real-node
 	bash hack/build-helm.sh
+	python3 hack/kueue.py build
 
 test: install cluster-build ## all tests: unit, integration (real apiserver + S3), e2e, slow (SmolLM2)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune import api, contract
-from kubetune_operator import builders, metrics, status, validation
+from kubetune_operator import builders, kueue, metrics, status, validation
 from kubetune_operator.cache import Cache, Key, key_of
 from kubetune_operator.kube import ApiError, Fenced, Kube
 from kubetune_operator.workqueue import WorkQueue
@@ -98,6 +98,7 @@ class Controller:
     namespaces: list[str] | None = None  # None: every namespace (set by prefill)
     resync_seconds: float = RESYNC_SECONDS
     _children_checked: dict[Key, float] = field(default_factory=dict)
+    _kueue_aligned: kueue.Aligned = field(default_factory=kueue.Aligned)  # what Workloads were aligned to, per Job
     _stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -297,7 +298,7 @@ class Controller:
             self._write(body, status.derive(kind, body, None, [], self.clock(), blocked=wait))
             return True
         spec_suspend = bool(getattr(spec, "suspend", False))
-        job = self._align_suspend(job, spec_suspend, bool(getattr(spec, "queue_name", None)))
+        job = self._align_suspend(job, spec_suspend, bool(getattr(spec, "queue_name", None)), key)
         pods = self.cache.pods(key, job["metadata"]["uid"])
         now = self.clock()
         new = status.derive(kind, body, job, pods, now, spec_suspend=spec_suspend)
@@ -451,12 +452,20 @@ class Controller:
         uid = body["metadata"]["uid"]
         return any(ref.get("uid") == uid for ref in job["metadata"].get("ownerReferences") or [])
 
-    def _align_suspend(self, job: dict[str, Any], want: bool, queued: bool) -> dict[str, Any]:
-        """spec.suspend -> Job.spec.suspend. A queue-managed Job is unsuspended by Kueue, not by us."""
+    def _align_suspend(self, job: dict[str, Any], want: bool, queued: bool, key: Key) -> dict[str, Any]:
+        """spec.suspend -> Job.spec.suspend. A Kueue-queued Job is Kueue's to suspend and resume (it
+        un-suspends the Job of an admitted Workload): there spec.suspend goes to the Workload's
+        spec.active instead (kubetune_operator.kueue), and the Job is never patched."""
+        aligned = self._kueue_aligned
         if status.job_condition(job, "Complete") or status.job_condition(job, "Failed"):
+            aligned.forget(job["metadata"]["uid"])
             return job
-        current = bool(job["spec"].get("suspend"))
-        if want == current or (not want and queued):
+        if queued:
+            again = kueue.align(self.kube, job, want, aligned)
+            if again is not None:  # suspend wanted, but Kueue has not created the Workload yet
+                self.queue.add_after(key, again)
+            return job
+        if want == bool(job["spec"].get("suspend")):
             return job
         meta = job["metadata"]
         patched = self.kube.patch("Job", meta["namespace"], meta["name"], {"spec": {"suspend": want}})

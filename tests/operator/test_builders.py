@@ -101,7 +101,8 @@ def test_job_pod_spec_exact(ftj_body):
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
     assert pod["volumes"] == [
-        {"name": "spec", "configMap": {"name": "demo-train-uiddemo", "items": [{"key": "spec.json", "path": "spec.json"}]}},
+        {"name": "spec", "configMap": {"name": "demo-train-uiddemo",
+                                       "items": [{"key": "spec.json", "path": "spec.json"}]}},
         {"name": "work", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},

@@ -35,7 +35,8 @@ def test_cluster_role_is_exactly_least_privilege():
         {("", "pods", v) for v in ("list", "watch")} | \
         {("", r, "create") for r in ("configmaps", "serviceaccounts", "events")} | \
         {("", "secrets", "get")} | \
-        {("rbac.authorization.k8s.io", r, "create") for r in ("roles", "rolebindings")}
+        {("rbac.authorization.k8s.io", r, "create") for r in ("roles", "rolebindings")} | \
+        {("kueue.x-k8s.io", "workloads", v) for v in ("list", "patch")}  # spec.suspend -> Workload spec.active
     assert got == want
     assert not any("*" in x for triple in got for x in triple)
     assert not any(v in ("delete", "deletecollection", "escalate", "bind", "impersonate") for _, _, v in got)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import socket
 import time
 import urllib.request
-from urllib.parse import unquote
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from clusterkit import (

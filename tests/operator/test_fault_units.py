@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from kobjects import job_dict, pod_dict
-
 from kubetune_operator import builders, status
 from kubetune_operator.cache import Cache
 
