@@ -118,6 +118,13 @@ def ns(cluster: Any) -> Iterator[str]:
     wait_for(lambda: cluster.request("GET", f"/api/v1/namespaces/{name}/serviceaccounts/default", ok404=True),
              30, "default ServiceAccount")
     yield name
+    # Play the kubelet one last time: end the pods still on runner-node (no kubelet there), or they
+    # would hold its GPUs for the rest of the session while their namespace never finishes deleting.
+    for pod in cluster.request("GET", f"/api/v1/namespaces/{name}/pods")["items"]:
+        if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+            cluster.request("PATCH", f"/api/v1/namespaces/{name}/pods/{pod['metadata']['name']}/status",
+                            {"status": {"phase": "Failed", "reason": "TestTeardown"}},
+                            content_type="application/merge-patch+json", ok404=True)
     cluster.request("DELETE", f"/api/v1/namespaces/{name}", ok404=True)
 
 

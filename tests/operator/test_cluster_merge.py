@@ -15,6 +15,7 @@ from clusterkit import (
     kubelet_exit,
     kubelet_run,
     phase_is,
+    support_name,
     term_message,
     wait_for,
     wait_pod,
@@ -47,7 +48,8 @@ def test_merge_job_waits_for_its_finetunejob(cluster, ns, operator_proc):
     merge_job = wait_for(lambda: job(cluster, ns, "publish-merge"), 90, "merge Job")
     (container,) = merge_job["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["kubetune", "merge", "--spec", "/etc/kubetune/spec.json"]
-    resolved = json.loads(cluster.request("GET", f"/api/v1/namespaces/{ns}/configmaps/publish-merge")
+    config_map = support_name(cluster, ns, "MergeJob", "publish")
+    resolved = json.loads(cluster.request("GET", f"/api/v1/namespaces/{ns}/configmaps/{config_map}")
                           ["data"]["spec.json"])
     assert resolved["source"] == {"adapterUri": "s3://out/base/adapter", "baseModel": ftj_spec()["model"] |
                                   {"trustRemoteCode": False}}

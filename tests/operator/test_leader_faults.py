@@ -206,6 +206,9 @@ def test_a_leader_cut_off_from_its_lease_stops_writing_before_the_renew_deadline
         create(cluster, ns, "FineTuneJob", "before", ftj_spec())
         wait_for(lambda: job(cluster, ns, "before-train"), 30, "the leader reconciles")
         transitions = _lease(cluster, lease)["spec"].get("leaseTransitions", 0)
+        # cut only after a renewal (an update of the Lease), which the assertions below measure from
+        wait_for(lambda: (_lease(cluster, lease)["spec"].get("renewTime") or "")
+                 > (_lease(cluster, lease)["spec"].get("acquireTime") or ""), 30, "a renewal")
 
         cluster.request("DELETE", f"{rbac}/namespaces/{SYSTEM_NS}/rolebindings/{sa}")
         cut_wall, cut = time.time(), time.monotonic()
@@ -227,7 +230,7 @@ def test_a_leader_cut_off_from_its_lease_stops_writing_before_the_renew_deadline
         events = _events(cluster, user, old.identity)
         renewals = [e for e in events if _is_lease(e, lease) and e["verb"] == "update" and _code(e) < 300]
         denied = [e for e in events if _is_lease(e, lease) and _code(e) == 403]
-        assert renewals and denied, "\n".join(_summary(events[-20:]))
+        assert renewals and denied, "\n".join(_summary([e for e in events if _is_lease(e, lease)][-20:]))
         last_renewal = _ts(renewals[-1]["requestReceivedTimestamp"])
         writes = [e for e in _writes(cluster, user, old.identity) if not _is_lease(e, lease)]
         assert writes, "the leader wrote while it led"
