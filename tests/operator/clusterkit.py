@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,14 @@ def wait_for(fn: Callable[[], Any], timeout: float = 30.0, what: str = "conditio
 
 
 REPO = Path(__file__).resolve().parents[2]
+OPERATOR_USER = "system:serviceaccount:kubetune-system:kubetune-operator"  # the operator_identity fixture's
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for an operator's --metrics-port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class OperatorProcess:

@@ -9,7 +9,6 @@ request the operator's ServiceAccount makes), statuses, pods.
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from typing import Any
@@ -18,10 +17,12 @@ from urllib.parse import unquote
 import pytest
 from clusterkit import (
     GROUP,
+    OPERATOR_USER,
     OperatorProcess,
     create,
     create_s3_secret,
     force_delete,
+    free_port,
     ftj_spec,
     get,
     job,
@@ -38,7 +39,6 @@ from clusterkit import (
 )
 
 pytestmark = pytest.mark.integration
-OPERATOR_USER = "system:serviceaccount:kubetune-system:kubetune-operator"
 
 
 def _creates(cluster: Any, ns: str, plural: str, name: str | None = None) -> list[dict[str, Any]]:
@@ -63,11 +63,6 @@ def _running(cluster: Any, ns: str, name: str) -> dict[str, Any]:
     wait_status(cluster, ns, "FineTuneJob", name, phase_is("Running"), 30)
     return pod
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metric(port: int, line_start: str) -> float | None:
@@ -204,7 +199,7 @@ def test_watches_are_filtered_server_side(cluster, ns, operator_proc):
 def test_a_watch_gap_leaves_no_ghost(cluster, ns, operator_identity, tmp_path):
     """Frozen operator, objects deleted meanwhile, API server restarted (every watch breaks and its
     resourceVersion is too old for the new watch cache: kopf relists without DELETED events)."""
-    port = _free_port()
+    port = free_port()
     op = OperatorProcess(operator_identity["kubeconfig"], [ns], tmp_path / "operator.log",
                          extra=["--resync-seconds", "5", "--metrics-port", str(port)]).start()
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +13,7 @@ from clusterkit import (
     OperatorProcess,
     create,
     create_s3_secret,
+    free_port,
     ftj_spec,
     job,
     kubelet_run,
@@ -25,11 +25,6 @@ from clusterkit import (
 
 pytestmark = pytest.mark.integration
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def now_micro() -> str:
@@ -48,7 +43,7 @@ def _get(url: str) -> tuple[int, str]:
 
 def test_two_replicas_one_leader_and_failover(cluster, ns, operator_identity, tmp_path):
     lease = ["--leader-elect", "--lease-namespace", operator_identity["namespace"], "--lease-name", f"lease-{ns}"]
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     ops = [OperatorProcess(operator_identity["kubeconfig"], [ns], tmp_path / f"op{i}.log",
                            extra=[*lease, "--metrics-port", str(ports[i])]) for i in range(2)]
     try:

@@ -21,14 +21,13 @@ import json
 import os
 import re
 import signal
-import socket
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 import pytest
-from clusterkit import OperatorProcess, create, create_s3_secret, ftj_spec, job, wait_for
+from clusterkit import OperatorProcess, create, create_s3_secret, free_port, ftj_spec, job, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,11 +36,6 @@ OPERATOR_USER = f"system:serviceaccount:{SYSTEM_NS}:kubetune-operator"
 WRITES = {"create", "update", "patch", "delete", "deletecollection"}
 LEASE_DURATION, RENEW_DEADLINE = 15.0, 10.0  # the defaults the replicas run with
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ready(port: int) -> bool:
@@ -60,7 +54,7 @@ class Replica:
     """One operator process with leader election and its own metrics port."""
 
     def __init__(self, kubeconfig: str, ns: str, lease: str, log: Any) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.op = OperatorProcess(kubeconfig, [ns], log, extra=[
             "--leader-elect", "--lease-namespace", SYSTEM_NS, "--lease-name", lease,
             "--metrics-port", str(self.port)])

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 
 import pytest
+from clusterkit import free_port
 from kubetune_operator import leader, metrics
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -28,7 +22,7 @@ def _get(url: str) -> tuple[int, str]:
 
 @pytest.fixture
 def server():
-    port = _free_port()
+    port = free_port()
     srv = metrics.serve(port, host="127.0.0.1")
     yield f"http://127.0.0.1:{port}"
     srv.shutdown()

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from clusterkit import (
     GROUP,
+    OPERATOR_USER,
     OperatorProcess,
     create,
     create_s3_secret,
@@ -43,7 +44,6 @@ from clusterkit import (
 )
 
 pytestmark = pytest.mark.integration
-OPERATOR_USER = "system:serviceaccount:kubetune-system:kubetune-operator"
 N = 50
 RECREATED = 5
 
