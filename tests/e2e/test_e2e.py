@@ -146,8 +146,17 @@ def test_bad_dataset_fails_without_retries(system: System) -> None:
     failed = condition(ftj, "Failed")
     assert failed["status"] == "True" and failed["reason"] == "InvalidDataset", failed
     assert st["attempts"] == 1  # a permanent failure: the pod failure policy fails the Job at once
-    job = system.cluster.get(f"/apis/batch/v1/namespaces/{system.namespace}/jobs/{st['jobName']}")
-    assert job["status"].get("failed") == 1
+    path = f"/apis/batch/v1/namespaces/{system.namespace}/jobs/{st['jobName']}"
+
+    def counted() -> dict[str, Any] | None:
+        # The Job controller may mark the Job FailureTarget before it moves the pod out of
+        # uncountedTerminatedPods into status.failed: wait for the count, then check it is one pod.
+        js = system.cluster.get(path).get("status") or {}
+        uncounted = js.get("uncountedTerminatedPods") or {}
+        return js if not uncounted.get("failed") and not uncounted.get("succeeded") else None
+
+    job_status = wait_for(counted, 60, "the Job controller to count the failed pod")
+    assert job_status.get("failed") == 1 and not job_status.get("succeeded"), job_status
 
 
 @pytest.mark.timeout(2 * RUN_TIMEOUT + 300)
