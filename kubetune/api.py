@@ -190,6 +190,10 @@ class Resources(ApiModel):
     """A core/v1 Affinity, copied into the pod as is."""
     priority_class_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN_PATTERN)
     """PriorityClass of the pod."""
+    nodes: int = Field(default=1, ge=1, le=64)
+    """Pods the run spans, each with `gpus` GPUs and one training rank per GPU (FineTuneJob only).
+    More than 1 runs an Indexed Job of this many pods that meet through a headless Service; they
+    start, fail and retry together and resume from the last checkpoint."""
 
 
 class JobControls(ApiModel):
@@ -421,6 +425,13 @@ class Training(ApiModel):
     """Stop a run that diverged or stalled instead of burning GPU hours."""
     early_stopping: EarlyStopping | None = None
     """Stop when the evaluation loss stops improving (needs dataset.eval)."""
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How the ranks of a job with more than one (resources.gpus x resources.nodes > 1) share the
+    work, under torchrun: ddp keeps a whole 4-bit base on every rank and averages the adapter's
+    gradients; fsdp shards the base over the ranks (4-bit weights stored in the compute dtype, the
+    FSDP-QLoRA recipe) for a model that does not fit one GPU; auto is ddp unless the base's 4-bit
+    weights take more than half of a GPU's memory. Each rank takes batchSize x
+    gradientAccumulationSteps sequences a step: the global batch grows with the ranks."""
     keep_best: bool = False
     """Publish the adapter of the best evaluation (the last one that improved the eval loss by more
     than earlyStopping.minDelta) instead of the last step's, and never delete its checkpoint (needs
@@ -499,7 +510,19 @@ class FineTuneJobSpec(JobControls):
                     "!(has(self.training.earlyStopping) || (has(self.training.keepBest) && self.training.keepBest))"
                     " || has(self.dataset.eval)",
                     "training.earlyStopping and training.keepBest need evaluation data: set dataset.eval",
-                )
+                ),
+                cel(
+                    "!has(self.resources.nodes) || self.resources.nodes == 1 || !has(self.resources.gpus)"
+                    " || self.resources.gpus >= 1",
+                    "resources.nodes > 1 needs resources.gpus >= 1: every node runs one rank per GPU",
+                ),
+                cel(
+                    "!has(self.training.distributed) || self.training.distributed != 'fsdp'"
+                    " || (has(self.resources.gpus) ? self.resources.gpus : 1)"
+                    " * (has(self.resources.nodes) ? self.resources.nodes : 1) > 1",
+                    "training.distributed fsdp shards the model over ranks: it needs more than one "
+                    "(resources.gpus x resources.nodes > 1)",
+                ),
             ]
         }
     )
@@ -535,6 +558,19 @@ class FineTuneJobSpec(JobControls):
         if (self.training.early_stopping is not None or self.training.keep_best) and self.dataset.eval is None:
             raise ValueError("training.earlyStopping and training.keepBest need evaluation data: set dataset.eval")
         return self
+
+    @model_validator(mode="after")
+    def _ranks(self) -> FineTuneJobSpec:
+        if self.resources.nodes > 1 and self.resources.gpus < 1:
+            raise ValueError("resources.nodes > 1 needs resources.gpus >= 1: every node runs one rank per GPU")
+        if self.training.distributed == "fsdp" and self.world_size() < 2:
+            raise ValueError("training.distributed fsdp shards the model over ranks: it needs more than one "
+                             "(resources.gpus x resources.nodes > 1)")
+        return self
+
+    def world_size(self) -> int:
+        """Training ranks: one per GPU on every node (one process on CPU)."""
+        return max(self.resources.gpus, 1) * self.resources.nodes
 
 
 class Progress(ApiModel):
@@ -713,6 +749,15 @@ class Verify(ApiModel):
 class MergeJobSpec(JobControls):
     """Merge a LoRA adapter into its base model and publish a standalone model."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("!has(self.resources.nodes) || self.resources.nodes == 1",
+                    "a MergeJob runs in one pod: resources.nodes must be 1"),
+            ]
+        }
+    )
+
     source: MergeSource
     """The adapter and its base."""
     dtype: Dtype = "bfloat16"
@@ -727,6 +772,12 @@ class MergeJobSpec(JobControls):
         default_factory=lambda: Resources(gpus=0), json_schema_extra={"default": {"gpus": 0}}
     )
     """Pod resources (CPU is fine for small models)."""
+
+    @model_validator(mode="after")
+    def _one_pod(self) -> MergeJobSpec:
+        if self.resources.nodes != 1:
+            raise ValueError("a MergeJob runs in one pod: resources.nodes must be 1")
+        return self
 
 
 class Verification(ApiModel):

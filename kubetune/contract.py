@@ -23,6 +23,17 @@ ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"  # default /dev/termination-log
 ENV_SA_DIR = "KUBETUNE_SERVICEACCOUNT_DIR"  # default /var/run/secrets/kubernetes.io/serviceaccount
 ENV_API_SERVER = "KUBETUNE_API_SERVER"  # optional override of https://$KUBERNETES_SERVICE_HOST:PORT
 ENV_WORK_DIR = "KUBETUNE_WORK_DIR"  # scratch space (emptyDir): model download, checkpoints
+# Distributed training (resources.gpus x resources.nodes > 1): `kubetune train` runs torchrun,
+# which starts KUBETUNE_NPROC_PER_NODE ranks in the pod. With KUBETUNE_NNODES > 1 the pods of an
+# Indexed Job meet at pod 0 (torchrun's c10d rendezvous at KUBETUNE_RDZV_ENDPOINT, pod 0's name
+# under the job's headless Service); KUBETUNE_NODE_RANK is the pod's completion index.
+ENV_NPROC_PER_NODE = "KUBETUNE_NPROC_PER_NODE"
+ENV_NNODES = "KUBETUNE_NNODES"
+ENV_NODE_RANK = "KUBETUNE_NODE_RANK"
+ENV_RDZV_ENDPOINT = "KUBETUNE_RDZV_ENDPOINT"
+ENV_RDZV_ID = "KUBETUNE_RDZV_ID"
+RDZV_PORT = 29400
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 DEFAULT_SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 WORK_DIR = "/var/kubetune/work"
