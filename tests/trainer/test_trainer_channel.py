@@ -4,76 +4,19 @@ is delivered at the end of training."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubetune_trainer.callbacks import ProgressReporter
 from kubetune_trainer.runtime import StatusReporter
+from trainer_helpers import FakeApiServer
 from transformers import TrainerControl, TrainerState
 
 STATUS_PATH = "/apis/kubetune.dev/v1alpha1/namespaces/ns/finetunejobs/ft/status"
 QUICK = 0.5  # seconds: a call that returns within this did not wait on the network
-
-
-class FakeApiServer:
-    """Records every PATCH (path, headers, body) as it arrives; ``freeze()`` makes it hold requests
-    unanswered (a frozen API server) until ``thaw()`` or ``hang_limit`` seconds."""
-
-    def __init__(self, hang_limit: float = 10.0) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.answered = 0
-        self.hang_limit = hang_limit
-        self._open = threading.Event()
-        self._open.set()
-        self._lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_PATCH(self) -> None:  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer._lock:
-                    outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
-                                           "answered_before": outer.answered, "at": time.monotonic()})
-                outer._open.wait(outer.hang_limit)
-                with outer._lock:
-                    outer.answered += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def freeze(self) -> None:
-        self._open.clear()
-
-    def thaw(self) -> None:
-        self._open.set()
-
-    def steps(self) -> list[int]:
-        with self._lock:
-            return [r["body"]["status"]["progress"]["step"] for r in self.requests]
-
-    def __enter__(self) -> FakeApiServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.thaw()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

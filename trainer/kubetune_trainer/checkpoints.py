@@ -36,6 +36,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from kubetune import contract
+from kubetune_trainer.distributed import Ranks
 from kubetune_trainer.runtime import StatusReporter, StorageError
 from kubetune_trainer.storage import Store, join, verify_files
 
@@ -155,15 +156,23 @@ def older_pointers(store: Store, output_uri: str, below: int) -> list[dict[str, 
 
 
 class CheckpointUploader(TrainerCallback):  # type: ignore[misc]
-    """After each local save, upload the folder, move the pointer, prune, and report checkpointUri."""
+    """After each local save, upload the folder, move the pointer, prune, and report checkpointUri.
+
+    With several ranks every rank saves its part (its RNG state) first; global rank 0 uploads once
+    all have (a barrier), the others go on."""
 
     def __init__(self, store: Store, output_uri: str, keep: int, reporter: StatusReporter,
-                 stamp: dict[str, Any] | None = None, protect: Callable[[], int | None] | None = None):
+                 stamp: dict[str, Any] | None = None, protect: Callable[[], int | None] | None = None,
+                 ranks: Ranks | None = None):
         self.store, self.output_uri, self.keep, self.reporter = store, output_uri, keep, reporter
         self.stamp, self.protect = stamp, protect
+        self.ranks = ranks or Ranks()
         self.last: dict[str, Any] | None = None
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.ranks.barrier()
+        if not self.ranks.main:
+            return
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not local.is_dir() or (self.last and self.last["step"] == state.global_step):
             return
@@ -224,10 +233,16 @@ class PreemptionHandler(TrainerCallback):  # type: ignore[misc]
 
     During an evaluation the next evaluation batch raises :class:`EvalInterrupted`; the recipe's
     trainer (:func:`kubetune_trainer.sft.trainer_class`) drops that evaluation, so the save that
-    follows it in the same step starts at once instead of after the whole evaluation set."""
+    follows it in the same step starts at once instead of after the whole evaluation set.
 
-    def __init__(self) -> None:
+    With several ranks the signal may reach them at different steps (or only one pod's): at every
+    step end the ranks agree (:meth:`Ranks.any`), so all save the same step and stop together. An
+    evaluation in progress then finishes first (abandoning it on one rank would leave the others
+    waiting in its collectives)."""
+
+    def __init__(self, ranks: Ranks | None = None) -> None:
         self.requested = False
+        self.ranks = ranks or Ranks()
         self._previous: Any = None
 
     def install(self) -> PreemptionHandler:
@@ -248,13 +263,14 @@ class PreemptionHandler(TrainerCallback):  # type: ignore[misc]
         self.requested = True
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self.requested:
+        if self.ranks.any(self.requested):
+            self.requested = True
             control.should_save = True
             control.should_training_stop = True
         return control
 
     def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.requested:
+        if self.requested and not self.ranks.several:
             control.should_save = True  # the Trainer's own control: saved right after the abandoned evaluation
             control.should_training_stop = True
             raise EvalInterrupted(f"SIGTERM during the evaluation at step {state.global_step}")

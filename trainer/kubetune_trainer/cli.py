@@ -32,9 +32,14 @@ def _resolve(spec_path: str | None) -> str:
 def train(spec_path: str | None) -> None:
     """Fine-tune: packed QLoRA SFT for a FineTuneJob spec (what the operator's pod runs)."""
     from kubetune.api import FineTuneJobSpec
-    from kubetune_trainer import runtime
+    from kubetune_trainer import distributed, runtime
 
     path = _resolve(spec_path)
+    nproc, nnodes = distributed.world_from_env()
+    if nproc * nnodes > 1:  # resources.gpus x resources.nodes > 1: torchrun runs the ranks
+        ctx = runtime.PodContext.from_env("FineTuneJob")
+        ctx.reporter.patch({"stage": f"starting {nproc} rank(s) in this pod, {nproc * nnodes} in all"})
+        sys.exit(distributed.launch(["train", "--spec", path], ctx.work_dir, ctx.termination_log))
 
     def recipe(ctx: runtime.PodContext) -> dict:  # type: ignore[type-arg]
         from kubetune_trainer import sft

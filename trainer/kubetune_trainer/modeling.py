@@ -176,8 +176,10 @@ def attention_implementation() -> str:
     return "sdpa"
 
 
-def load_model(path: str, source: api.ModelSource, quant: api.Quantization, gradient_checkpointing: bool) -> Any:
-    """The frozen base: bitsandbytes 4/8-bit (QLoRA) or unquantized (bits 16), ready for k-bit training."""
+def load_model(path: str, source: api.ModelSource, quant: api.Quantization, gradient_checkpointing: bool,
+               device: int = 0) -> Any:
+    """The frozen base: bitsandbytes 4/8-bit (QLoRA) or unquantized (bits 16), ready for k-bit training.
+    ``device``: the GPU of this rank (its local rank under torchrun); on CPU every rank uses the CPU."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
@@ -186,7 +188,7 @@ def load_model(path: str, source: api.ModelSource, quant: api.Quantization, grad
     bnb = quantization_config(quant)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
-        kwargs["device_map"] = {"": 0} if use_cuda() else {"": "cpu"}
+        kwargs["device_map"] = {"": device} if use_cuda() else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if bnb is not None:
         model = prepare_model_for_kbit_training(

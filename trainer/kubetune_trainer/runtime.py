@@ -215,7 +215,9 @@ class StatusReporter:
         """One request to ``url()`` with the pod's token; the parsed answer. Raises :class:`_HttpError`
         (an OSError) on an HTTP error status."""
         token = Path(self.token_file or "").read_text().strip()  # re-read: projected tokens rotate
-        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json",
+                   # who wrote, in the API server's audit log: the trainer, and which torchrun rank
+                   "User-Agent": f"kubetune-trainer (rank {os.environ.get('RANK', '0')})"}
         if content_type:
             headers["Content-Type"] = content_type
         data = json.dumps(body).encode() if body is not None else None

@@ -60,6 +60,7 @@ from typing import Any
 
 from kubetune import api, contract
 from kubetune_trainer import checkpoints, data, fingerprint, modeling, report, watchdog
+from kubetune_trainer.distributed import Ranks
 from kubetune_trainer.runtime import PodContext, Preempted, StorageError
 from kubetune_trainer.storage import Store, join, read_manifest, write_manifest
 
@@ -68,8 +69,14 @@ log = logging.getLogger("kubetune.sft")
 DEFAULT_EVAL_EVERY = 0.2  # a fraction of the total steps: 5 evaluations a run (plus the final one)
 
 
-def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the fine-tune described by ``spec``; returns the result for the resource status."""
+def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None] | None = None,
+          ranks: Ranks | None = None) -> dict[str, Any]:
+    """Run the fine-tune described by ``spec``; returns the result for the resource status.
+
+    ``ranks``: this process's place when torchrun runs several (:mod:`kubetune_trainer.distributed`):
+    every rank reads and tokenizes the data and trains; each pod's local rank 0 downloads the model
+    and checkpoint for its pod; only global rank 0 writes (storage, status, W&B, the result)."""
+    ranks = ranks or Ranks()
     out = spec.output.uri.rstrip("/")
     store = Store.from_spec(spec.storage)
     work = ctx.work_dir
@@ -87,14 +94,15 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     pointer = checkpoints.latest_pointer(store, out)
     if pointer is not None:
         fingerprint.check(pointer, "checkpoints", join(out, contract.CHECKPOINTS_DIR), stamp["fingerprint"], inputs)
-    store.check_writable(out)
+    if ranks.main:
+        store.check_writable(out)
 
     # 2. Data: every row-level check, before any model file moves.
     ctx.reporter.patch({"stage": f"loading dataset {spec.dataset.uri}"})
-    splits = data.load_splits(spec.dataset, store, work, spec.training.seed)
+    splits = data.load_splits(spec.dataset, store, ranks.work_dir(work), spec.training.seed)
 
     # 3. Tokenizer; tokenize once (TRL trains on these labels as they are), then the token-level checks.
-    tokenizer_path = modeling.resolve_model(spec.model, store, work, tokenizer_only=True)
+    tokenizer_path = ranks.per_pod(lambda: modeling.resolve_model(spec.model, store, work, tokenizer_only=True))
     tokenizer = modeling.load_tokenizer(tokenizer_path, spec.model)
     assistant_only, chat_template = assistant_only_loss(spec.dataset, tokenizer)
     ctx.reporter.patch({"stage": f"tokenizing {len(splits.train)} samples"})
@@ -114,8 +122,9 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
 
     # 4. Base model + LoRA.
     ctx.reporter.patch({"stage": f"loading model {spec.model.display()}"})
-    model_path = modeling.resolve_model(spec.model, store, work)
-    model = modeling.load_model(model_path, spec.model, spec.quantization, spec.training.gradient_checkpointing)
+    model_path = ranks.per_pod(lambda: modeling.resolve_model(spec.model, store, work))
+    model = modeling.load_model(model_path, spec.model, spec.quantization, spec.training.gradient_checkpointing,
+                                device=ranks.local_rank)
 
     # 5. Trainer with its callbacks.
     from transformers import set_seed
@@ -123,19 +132,21 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     from kubetune_trainer.callbacks import ProgressReporter
 
     wandb_on = setup_wandb(spec.tracking, ctx, work)
-    progress = ProgressReporter(ctx.reporter, echo)
+    progress = ProgressReporter(ctx.reporter, echo if ranks.main else None)
     best = checkpoints.BestCheckpoint(spec.training.early_stopping, spec.training.keep_best)
     uploader = checkpoints.CheckpointUploader(store, out, spec.training.keep_checkpoints, ctx.reporter, stamp,
-                                              protect=lambda: best.best_step if best.keep_best else None)
+                                              protect=lambda: best.best_step if best.keep_best else None,
+                                              ranks=ranks)
     guard = watchdog.Watchdog(spec.training.watchdog, lambda: (uploader.last or pointer or {}).get("uri"),
                               on_stall=lambda err: watchdog.exit_process(ctx.termination_log, err))
-    preemption = checkpoints.PreemptionHandler().install()
+    preemption = checkpoints.PreemptionHandler(ranks).install()
     try:
         set_seed(spec.training.seed)  # TRL builds the LoRA adapter before Trainer seeds: seed its init too
         trainer = trainer_class()(
             model=model,
             args=sft_config(spec.training, work / "trainer", has_eval=eval_set is not None, wandb=wandb_on,
-                            run_name=ctx.name, varlen_attention=model.config._attn_implementation.startswith("flash")),
+                            run_name=ctx.name, varlen_attention=model.config._attn_implementation.startswith("flash"),
+                            ranks=ranks.world),
             train_dataset=train_set,
             eval_dataset=eval_set,
             processing_class=tokenizer,
@@ -147,8 +158,8 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
         adapter_in_float32(trainer.model)
 
         # 6. Resume from storage, then train.
-        resume = checkpoints.download_latest(store, out, work, stamp["fingerprint"])
-        if preemption.requested:
+        resume = ranks.per_pod(lambda: checkpoints.download_latest(store, out, work, stamp["fingerprint"]))
+        if ranks.any(preemption.requested):
             raise Preempted("SIGTERM before training started: nothing to save, a retry starts over")
         ctx.reporter.patch({"stage": f"training from step {resume[1] if resume else 0}"})
         if resume and finished_checkpoint(resume[0]):
@@ -157,7 +168,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
             train_metrics = restore_finished(trainer, resume[0], progress)
         else:
             train_metrics = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None).metrics
-        if preemption.requested:
+        if ranks.any(preemption.requested):
             where = uploader.last["uri"] if uploader.last else "no checkpoint"
             raise Preempted(f"stopped on SIGTERM at step {trainer.state.global_step}; checkpoint {where}")
         if eval_set is not None and not evaluated_at(trainer.state.log_history, trainer.state.global_step):
@@ -167,7 +178,11 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
         guard.stop()
         preemption.uninstall()
 
-    # 7. Publish: files first, manifest last.
+    # 7. Publish (global rank 0; the other ranks wait for it, so a failed publish fails them all):
+    #    files first, manifest last.
+    if not ranks.main:
+        ranks.barrier()
+        return {}
     ctx.reporter.patch({"stage": "uploading the adapter and report"})
     wandb_url = finish_wandb(store, work, out) if wandb_on else None
     result: dict[str, Any] = {
@@ -204,6 +219,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     write_manifest(store, out, files, kind="FineTuneJob", name=ctx.name, spec=spec.to_wire(), result=result,
                    metrics=metrics, data=data_stats, versions=versions, **stamp)
     log.info("done: adapter at %s", result["adapterUri"])
+    ranks.barrier()
     return result
 
 
@@ -279,9 +295,14 @@ def micro_batching(t: api.Training, varlen_attention: bool) -> tuple[int, int]:
 
 
 def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, run_name: str | None,
-               varlen_attention: bool = False) -> Any:
+               varlen_attention: bool = False, ranks: int = 1) -> Any:
     """TRL SFTConfig from spec.training. bf16 only when asked and the GPU supports it. The datasets
-    come tokenized with their labels (:func:`data.tokenize`): TRL only packs them, in this process."""
+    come tokenized with their labels (:func:`data.tokenize`): TRL only packs them, in this process.
+
+    With several ``ranks`` (torchrun) the Trainer wraps the model in DDP: every rank takes its own
+    micro-batches (the global batch is ``ranks`` times a rank's), gradients are averaged, and the
+    gradient checkpointing is non-reentrant with no search for unused parameters (the frozen 4-bit
+    base has none that DDP tracks)."""
     import torch
     from trl import SFTConfig
 
@@ -323,6 +344,7 @@ def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, r
         report_to=["wandb"] if wandb else "none",
         dataloader_num_workers=0,
         disable_tqdm=False,
+        ddp_find_unused_parameters=False if ranks > 1 else None,
         **packing_args,
     )
 
