@@ -69,8 +69,8 @@ class Pod:
 def make_spec(folder: Path, model_dir: Path, out: str, endpoint: str, **training: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(folder / "qa.jsonl", qa_rows(40))
-    doc = spec_doc({"name": str(model_dir)},
-                   {"source": "jsonl", "uri": str(data), "format": "template", "template": "Q: {question}\nA: {answer}"},
+    dataset = {"source": "jsonl", "uri": str(data), "format": "template", "template": "Q: {question}\nA: {answer}"}
+    doc = spec_doc({"name": str(model_dir)}, dataset,
                    out, endpoint, **{"maxSteps": STEPS, "saveSteps": 3, "loggingSteps": 1, "batchSize": 1,
                                      "maxLength": 48, **training})
     path = folder / "spec.json"

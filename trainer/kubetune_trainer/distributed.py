@@ -20,6 +20,8 @@ and elastic agent as the ``torchrun`` command), which starts the ranks as
   (global rank 0), or the failure of the rank that failed first with a named reason (a rank that
   only lost its peers crashes later and less clearly), and exits with that rank's code, so the pod
   failure policy (permanent codes fail the Job at once) works as with one process.
+* **Pod 0 replaced.** Its old agent closes the rendezvous when its ranks end; a pod that comes up
+  meanwhile finds it closed (or gone) and joins again every 5 s until the new pod 0 hosts it.
 * **SIGTERM.** torchrun passes it to the ranks and waits 30 s for them (its own limit) before
   SIGKILL; the ranks agree on the step to stop at (:meth:`Ranks.any`), save one checkpoint
   (rank 0 uploads it after every rank has written its part) and exit 7 (Preempted).
@@ -34,6 +36,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +49,7 @@ log = logging.getLogger("kubetune.distributed")
 T = TypeVar("T")
 RANK_MESSAGES = "ranks"  # under the work dir: rank-<global rank>.json, each rank's termination message
 JOIN_TIMEOUT_S = 900  # how long pods wait for each other at the rendezvous (image pulls, scheduling)
+REJOIN_DELAY_S = 5
 
 
 @dataclass(frozen=True)
@@ -167,21 +171,37 @@ def launch(recipe_args: list[str], work_dir: Path, termination_log: Path,
     """Run the ranks under torchrun; write the pod's termination message; return its exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousConnectionError
     from torch.distributed.run import parse_args, run
 
+    logging.basicConfig(level=os.environ.get("KUBETUNE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     messages = work_dir / RANK_MESSAGES
     for old in messages.glob("rank-*.json") if messages.is_dir() else ():
         old.unlink()
     argv = torchrun_args(env, recipe_args)
     log.info("torchrun %s", " ".join(argv))
     failures: dict[int, int] = {}
-    try:
-        run(parse_args(argv))
-    except ChildFailedError as err:
-        failures = {rank: failure.exitcode for rank, failure in err.failures.items()}
-    except SignalException as err:
-        log.warning("%s: the ranks were stopped", err)
-        failures = {-1: contract.EXIT_PREEMPTED}
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while True:
+        try:
+            run(parse_args(argv))
+        except (RendezvousClosedError, RendezvousConnectionError) as err:
+            # pod 0 is being replaced: its old agent closed the rendezvous (or is gone) and the new
+            # one is not up yet. Join the new one, within the rendezvous' own join timeout.
+            if time.monotonic() > deadline:
+                failures = {-2: contract.EXIT_CRASH}
+                log.error("no rendezvous at %s: %r", env.get(contract.ENV_RDZV_ENDPOINT), err)
+                break
+            log.warning("the rendezvous is not ready (%r): joining again in %d s", err, REJOIN_DELAY_S)
+            time.sleep(REJOIN_DELAY_S)
+            continue
+        except ChildFailedError as err:
+            failures = {rank: failure.exitcode for rank, failure in err.failures.items()}
+        except SignalException as err:
+            log.warning("%s: the ranks were stopped", err)
+            failures = {-1: contract.EXIT_PREEMPTED}
+        break
     code, doc = pod_outcome(read_messages(messages), failures)
     termination_log.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -223,6 +243,9 @@ def pod_outcome(messages: dict[int, dict[str, Any]], failures: dict[int, int]) -
     if -1 in failures:
         return contract.EXIT_PREEMPTED, {"reason": "Preempted", "message": "stopped by a signal before any "
                                          "rank saved a checkpoint", "result": {}}
+    if -2 in failures:
+        return contract.EXIT_CRASH, {"reason": "Crashed", "message": "the pods did not meet at the rendezvous "
+                                     f"within {JOIN_TIMEOUT_S} s", "result": {}}
     rank, code = min(failures.items())
     crashed = [(r, m) for r, m in sorted(messages.items()) if m.get("reason") == "Crashed"]
     if crashed:

@@ -132,19 +132,23 @@ def compute_dtype(quant: api.Quantization) -> Any:
     return wanted
 
 
-def quantization_config(quant: api.Quantization) -> Any | None:
-    """BitsAndBytesConfig for 4/8-bit; None for bits 16 (plain LoRA)."""
+def quantization_config(quant: api.Quantization, fsdp: bool = False) -> Any | None:
+    """BitsAndBytesConfig for 4/8-bit; None for bits 16 (plain LoRA). ``fsdp``: the packed 4-bit
+    weights are stored in the compute dtype, so FSDP can shard them like any other weight (the
+    FSDP-QLoRA recipe; bitsandbytes still computes in 4-bit)."""
     from transformers import BitsAndBytesConfig
 
     if quant.bits == 16:
         return None
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = compute_dtype(quant)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype(quant),
+        bnb_4bit_compute_dtype=dtype,
+        **({"bnb_4bit_quant_storage": dtype} if fsdp else {}),
     )
 
 
@@ -177,20 +181,24 @@ def attention_implementation() -> str:
 
 
 def load_model(path: str, source: api.ModelSource, quant: api.Quantization, gradient_checkpointing: bool,
-               device: int = 0) -> Any:
+               device: int = 0, fsdp: bool = False) -> Any:
     """The frozen base: bitsandbytes 4/8-bit (QLoRA) or unquantized (bits 16), ready for k-bit training.
-    ``device``: the GPU of this rank (its local rank under torchrun); on CPU every rank uses the CPU."""
+    ``device``: the GPU of this rank (its local rank under torchrun); on CPU every rank uses the CPU.
+    ``fsdp``: loaded for FSDP to shard (4-bit storage in the compute dtype, no device map, no
+    float32 up-cast of the other weights: an FSDP unit needs one dtype; activation checkpointing is
+    FSDP's own)."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(quant)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention_implementation(), **hub_kwargs(source)}
-    bnb = quantization_config(quant)
+    bnb = quantization_config(quant, fsdp=fsdp)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
-        kwargs["device_map"] = {"": device} if use_cuda() else {"": "cpu"}
+        if not fsdp:
+            kwargs["device_map"] = {"": device} if use_cuda() else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if bnb is not None:
+    if bnb is not None and not fsdp:  # with FSDP, its own activation checkpointing (sft.fsdp_args)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
@@ -222,3 +230,40 @@ def load_unquantized(path: str, source: api.ModelSource, dtype: str) -> Any:
         ).eval()
     except (OSError, ValueError) as err:
         raise InvalidSpec(f"cannot load the base model {source.display()}: {err}") from err
+
+
+def four_bit_bytes(path: str, source: api.ModelSource) -> int:
+    """About what the base's weights take in 4-bit (NF4 linear layers at half a byte a weight, the
+    embeddings and output head in 16-bit), from its config alone (no weights are read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, **hub_kwargs(source))
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=source.trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = sum(m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                     if m is not None and m.weight is not None)
+    return int((total - embeddings) * 0.5 + embeddings * 2)
+
+
+def distributed_strategy(wanted: str, ranks: int, path: str, source: api.ModelSource, device: int = 0) -> str | None:
+    """training.distributed for this run: None with one rank; ``auto`` is fsdp on GPUs where the 4-bit
+    base takes more than half a GPU's memory (what is left cannot hold activations, optimizer and
+    the CUDA context), else ddp."""
+    if ranks < 2:
+        return None
+    if wanted == "fsdp" and not use_cuda():
+        raise InvalidSpec("training.distributed fsdp needs GPUs (FSDP shards the model over CUDA devices); "
+                          "on CPU use ddp or auto")
+    if wanted != "auto":
+        return wanted
+    if not use_cuda():
+        return "ddp"
+    import torch
+
+    need, have = four_bit_bytes(path, source), torch.cuda.get_device_properties(device).total_memory
+    choice = "fsdp" if need > have / 2 else "ddp"
+    log.info("training.distributed auto: %s (the 4-bit base needs ~%.1f GiB of a %.1f GiB GPU)", choice,
+             need / 2**30, have / 2**30)
+    return choice

@@ -61,7 +61,7 @@ from typing import Any
 from kubetune import api, contract
 from kubetune_trainer import checkpoints, data, fingerprint, modeling, report, watchdog
 from kubetune_trainer.distributed import Ranks
-from kubetune_trainer.runtime import PodContext, Preempted, StorageError
+from kubetune_trainer.runtime import InvalidSpec, PodContext, Preempted, StorageError
 from kubetune_trainer.storage import Store, join, read_manifest, write_manifest
 
 log = logging.getLogger("kubetune.sft")
@@ -123,8 +123,13 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     # 4. Base model + LoRA.
     ctx.reporter.patch({"stage": f"loading model {spec.model.display()}"})
     model_path = ranks.per_pod(lambda: modeling.resolve_model(spec.model, store, work))
+    strategy = modeling.distributed_strategy(spec.training.distributed, ranks.world, model_path, spec.model,
+                                             ranks.local_rank)
+    if strategy == "fsdp" and spec.training.keep_best:
+        raise InvalidSpec("training.keepBest is not available with FSDP (training.distributed) yet: the best "
+                          "checkpoint's adapter cannot be loaded into a sharded model; use ddp or unset keepBest")
     model = modeling.load_model(model_path, spec.model, spec.quantization, spec.training.gradient_checkpointing,
-                                device=ranks.local_rank)
+                                device=ranks.local_rank, fsdp=strategy == "fsdp")
 
     # 5. Trainer with its callbacks.
     from transformers import set_seed
@@ -146,7 +151,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
             model=model,
             args=sft_config(spec.training, work / "trainer", has_eval=eval_set is not None, wandb=wandb_on,
                             run_name=ctx.name, varlen_attention=model.config._attn_implementation.startswith("flash"),
-                            ranks=ranks.world),
+                            ranks=ranks.world, fsdp=strategy == "fsdp"),
             train_dataset=train_set,
             eval_dataset=eval_set,
             processing_class=tokenizer,
@@ -155,7 +160,8 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
         )
         if chat_template is not None and not assistant_only:
             log.info("the chat template has no {%% generation %%} markers: training on whole conversations")
-        adapter_in_float32(trainer.model)
+        if strategy != "fsdp":  # FSDP keeps one dtype per unit: the adapter computes in the storage dtype
+            adapter_in_float32(trainer.model)
 
         # 6. Resume from storage, then train.
         resume = ranks.per_pod(lambda: checkpoints.download_latest(store, out, work, stamp["fingerprint"]))
@@ -180,6 +186,11 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
 
     # 7. Publish (global rank 0; the other ranks wait for it, so a failed publish fails them all):
     #    files first, manifest last.
+    results_dir = work / "result"
+    if strategy == "fsdp":  # the sharded adapter is gathered to rank 0 to be saved: every rank takes part
+        if ranks.main:
+            shutil.rmtree(results_dir, ignore_errors=True)
+        trainer.save_model(str(results_dir / contract.ADAPTER_DIR))
     if not ranks.main:
         ranks.barrier()
         return {}
@@ -203,9 +214,9 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
         use_best_adapter(trainer.model, store, out, best.best_step, work)
     versions = report.library_versions()
 
-    results_dir = work / "result"
-    shutil.rmtree(results_dir, ignore_errors=True)
-    trainer.save_model(str(results_dir / contract.ADAPTER_DIR))  # PEFT adapter + tokenizer
+    if strategy != "fsdp":
+        shutil.rmtree(results_dir, ignore_errors=True)
+        trainer.save_model(str(results_dir / contract.ADAPTER_DIR))  # PEFT adapter + tokenizer
     name_the_base(results_dir / contract.ADAPTER_DIR, spec.model)
     files = publish_adapter(store, results_dir / contract.ADAPTER_DIR, out, spec, stamp)
     (results_dir / "spec.json").write_text(json.dumps(spec.to_wire(), indent=2, sort_keys=True))
@@ -295,14 +306,16 @@ def micro_batching(t: api.Training, varlen_attention: bool) -> tuple[int, int]:
 
 
 def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, run_name: str | None,
-               varlen_attention: bool = False, ranks: int = 1) -> Any:
+               varlen_attention: bool = False, ranks: int = 1, fsdp: bool = False) -> Any:
     """TRL SFTConfig from spec.training. bf16 only when asked and the GPU supports it. The datasets
     come tokenized with their labels (:func:`data.tokenize`): TRL only packs them, in this process.
 
     With several ``ranks`` (torchrun) the Trainer wraps the model in DDP: every rank takes its own
     micro-batches (the global batch is ``ranks`` times a rank's), gradients are averaged, and the
     gradient checkpointing is non-reentrant with no search for unused parameters (the frozen 4-bit
-    base has none that DDP tracks)."""
+    base has none that DDP tracks). ``fsdp``: FSDP shards the base over the ranks instead (full
+    shard, each decoder layer a unit, the LoRA layers units of their own: transformers' FSDP-QLoRA
+    path), and the adapter is gathered to rank 0 to be saved."""
     import torch
     from trl import SFTConfig
 
@@ -330,8 +343,8 @@ def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, r
         bf16=bf16,
         fp16=fp16,
         use_cpu=not cuda,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        gradient_checkpointing=t.gradient_checkpointing and not fsdp,  # FSDP checkpoints its own units
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing and not fsdp else None,
         max_length=t.max_length,
         logging_steps=t.logging_steps,
         logging_first_step=True,
@@ -345,8 +358,23 @@ def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, r
         dataloader_num_workers=0,
         disable_tqdm=False,
         ddp_find_unused_parameters=False if ranks > 1 else None,
+        **(fsdp_args(t) if fsdp else {}),
         **packing_args,
     )
+
+
+def fsdp_args(t: api.Training) -> dict[str, Any]:
+    """SFTConfig's FSDP settings for a QLoRA run: FSDP2, every decoder layer a unit (the model's
+    ``_no_split_modules``), parameters resharded after the forward pass, the checkpoint read by
+    rank 0 only and broadcast, a full (gathered) state dict when saving, so checkpoints and the
+    adapter are the same files as with one rank, and FSDP's own activation checkpointing for
+    training.gradientCheckpointing (the Trainer's would all-gather twice). transformers adds the
+    QLoRA part itself: the LoRA layers wrapped on their own and FSDP's mixed precision set to the
+    4-bit storage dtype."""
+    return {"fsdp": True,
+            "fsdp_config": {"version": 2, "reshard_after_forward": True, "cpu_ram_efficient_loading": True,
+                            "state_dict_type": "FULL_STATE_DICT", "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                            "activation_checkpointing": t.gradient_checkpointing}}
 
 
 def adapter_in_float32(model: Any) -> None:
