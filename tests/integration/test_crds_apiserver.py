@@ -79,6 +79,11 @@ def test_crds_are_accepted_and_apply_defaults(kubectl: Kubectl) -> None:
          "training.earlyStopping and training.keepBest need evaluation data: set dataset.eval"),
         ("training", {"maxSteps": 5, "keepBest": True},
          "training.earlyStopping and training.keepBest need evaluation data: set dataset.eval"),
+        ("resources", {"gpus": 0, "nodes": 2}, "resources.nodes > 1 needs resources.gpus >= 1"),
+        ("resources", {"gpus": 1, "nodes": 0}, "spec.resources.nodes: Invalid value"),
+        ("training", {"maxSteps": 5, "distributed": "fsdp"},  # gpus defaults to 1: one rank
+         "training.distributed fsdp shards the model over ranks: it needs more than one"),
+        ("training", {"maxSteps": 5, "distributed": "zero3"}, 'Unsupported value: "zero3"'),
     ],
 )
 def test_bad_manifests_are_rejected_with_a_clear_message(kubectl: Kubectl, path: str, value: Any,
@@ -88,6 +93,15 @@ def test_bad_manifests_are_rejected_with_a_clear_message(kubectl: Kubectl, path:
     assert out.returncode != 0, f"accepted a bad manifest ({path}={value})"
     assert message in out.stderr, out.stderr
     assert kubectl("get", "ftj", doc["metadata"]["name"], check=False).returncode != 0
+
+
+def test_ranks_accepted_and_mergejob_runs_in_one_pod(kubectl: Kubectl) -> None:
+    kubectl.apply(named(with_change(with_change(minimal_ftj(), "resources", {"gpus": 2, "nodes": 2}),
+                                    "training", {"maxSteps": 5, "distributed": "fsdp"}), "ranks"))
+    got = json.loads(kubectl("get", "ftj", "ranks", "-o", "json").stdout)["spec"]
+    assert (got["resources"]["nodes"], got["training"]["distributed"]) == (2, "fsdp")
+    out = kubectl.apply(named(with_change(minimal_mj(), "resources", {"nodes": 2}), "merge-nodes"), check=False)
+    assert out.returncode != 0 and "a MergeJob runs in one pod: resources.nodes must be 1" in out.stderr, out.stderr
 
 
 def test_spec_is_immutable_except_suspend(kubectl: Kubectl) -> None:
