@@ -176,6 +176,55 @@ def role_binding(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def rendezvous_service_name(body: dict[str, Any]) -> str:
+    """Name of the headless Service of a multi-node FineTuneJob: :func:`support_name` (uid-derived,
+    so a namesake's leftover never matches), which must also be a DNS-1035 label (a letter first)."""
+    name = support_name(body)
+    if name[0].isalpha():
+        return name
+    meta = body["metadata"]
+    return child_name(f"r{meta['name']}", f"{SUFFIX[body['kind']]}-{str(meta['uid']).replace('-', '')[:8]}")
+
+
+def rendezvous_service(body: dict[str, Any]) -> dict[str, Any]:
+    """The headless Service that gives each pod of a multi-node FineTuneJob a DNS name,
+    ``<job>-<index>.<service>``: the ranks meet at pod 0's (torchrun's c10d rendezvous). Not-ready
+    addresses are published: the pods meet before anything could mark them ready."""
+    meta = body["metadata"]
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _metadata(body, rendezvous_service_name(body)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {contract.LABEL_JOB_NAME: label_value(meta["name"]), contract.LABEL_KIND: body["kind"]},
+            "ports": [{"name": "rdzv", "port": contract.RDZV_PORT, "targetPort": contract.RDZV_PORT,
+                       "protocol": "TCP"}],
+        },
+    }
+
+
+def needs_service(spec: api.FineTuneJobSpec | api.MergeJobSpec | None) -> bool:
+    return isinstance(spec, api.FineTuneJobSpec) and spec.resources.nodes > 1
+
+
+def rank_env(body: dict[str, Any], spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
+    """The torchrun shape for ``kubetune train`` (:mod:`kubetune.contract`); none for one rank."""
+    res = spec.resources
+    if spec.world_size() < 2:
+        return []
+    env = [{"name": contract.ENV_NPROC_PER_NODE, "value": str(max(res.gpus, 1))},
+           {"name": contract.ENV_NNODES, "value": str(res.nodes)}]
+    if res.nodes > 1:
+        name = job_name(body["kind"], body["metadata"]["name"])
+        endpoint = f"{name}-0.{rendezvous_service_name(body)}:{contract.RDZV_PORT}"
+        env += [{"name": contract.ENV_NODE_RANK, "valueFrom": {"fieldRef": {
+                    "fieldPath": f"metadata.annotations['{contract.COMPLETION_INDEX_ANNOTATION}']"}}},
+                {"name": contract.ENV_RDZV_ENDPOINT, "value": endpoint},
+                {"name": contract.ENV_RDZV_ID, "value": body["metadata"]["uid"]}]
+    return env
+
+
 def _secret_env(env_name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
@@ -268,7 +317,16 @@ def _placement(res: api.Resources) -> dict[str, Any]:
 
 def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobSpec,
         settings: Settings, suspend: bool) -> dict[str, Any]:
-    """The batch/v1 Job: one pod, restartPolicy Never, retries with the pod failure policy."""
+    """The batch/v1 Job: one pod, restartPolicy Never, retries with the pod failure policy.
+
+    A FineTuneJob with several ranks (docs/distributed.md): ``gpus > 1`` sets the torchrun shape in
+    the pod's env (:func:`rank_env`); ``nodes: N > 1`` makes it an Indexed Job of N pods
+    (completions = parallelism = N) under the headless Service (``subdomain``), each pod a
+    rendezvous port. Pods are replaced only once the old one has terminated
+    (``podReplacementPolicy: Failed``, what a pod failure policy implies): the replacement takes the
+    same hostname. The pod failure policy applies to every pod, and ``backoffLimit`` is
+    ``spec.backoffLimit x N``: when pod 0, which hosts the rendezvous, is lost, every other pod fails
+    with it, so one incident can fail each pod once."""
     kind, meta = body["kind"], body["metadata"]
     name = job_name(kind, meta["name"])
     container = COMPONENT[kind]
@@ -285,6 +343,7 @@ def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobS
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *credential_env(spec),
+        *(rank_env(body, spec) if isinstance(spec, api.FineTuneJobSpec) else []),
     ]
     pod_meta = {"labels": labels(kind, meta["name"]), "annotations": {LABEL_OWNER: f"{kind}/{meta['name']}"}}
     pod_spec: dict[str, Any] = {
@@ -327,14 +386,20 @@ def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobS
     queue = getattr(spec, "queue_name", None)
     if queue:
         job_meta["labels"][contract.LABEL_QUEUE] = queue
+    nodes = spec.resources.nodes
     job_spec: dict[str, Any] = {
-        "parallelism": 1,
-        "completions": 1,
-        "backoffLimit": spec.backoff_limit,
+        "parallelism": nodes,
+        "completions": nodes,
+        "backoffLimit": spec.backoff_limit * nodes,
         "suspend": suspend,
         "podFailurePolicy": pod_failure_policy(container),
         "template": {"metadata": pod_meta, "spec": pod_spec},
     }
+    if needs_service(spec):
+        job_spec.update(completionMode="Indexed", podReplacementPolicy="Failed")
+        pod_spec["subdomain"] = rendezvous_service_name(body)
+        pod_spec["containers"][0]["ports"] = [{"name": "rdzv", "containerPort": contract.RDZV_PORT,
+                                               "protocol": "TCP"}]
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     # no ttlSecondsAfterFinished here: the operator sets it (ttl_patch) once the end is in the status

@@ -44,7 +44,7 @@ def _slim_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def slim(obj: dict[str, Any]) -> dict[str, Any]:
-    """The object without what the operator never reads (pods: no spec; Jobs: three spec fields).
+    """The object without what the operator never reads (pods: no spec; Jobs: the spec fields status and suspend read).
     ``kind`` must be set (LIST answers leave it out of their items)."""
     out = {k: v for k, v in obj.items() if k != "metadata"}
     out["metadata"] = _slim_meta(obj.get("metadata") or {})
@@ -52,7 +52,7 @@ def slim(obj: dict[str, Any]) -> dict[str, Any]:
         out.pop("spec", None)
     elif obj.get("kind") == "Job":
         spec = obj.get("spec") or {}
-        kept = ("suspend", "activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished")
+        kept = ("suspend", "activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished", "parallelism")
         out["spec"] = {k: spec[k] for k in kept if k in spec}
     return out
 

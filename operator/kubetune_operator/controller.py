@@ -395,9 +395,10 @@ class Controller:
         return keys
 
     def _create_children(self, body: dict[str, Any], spec: Any) -> tuple[dict[str, Any] | None, status.Verdict | None]:
-        """The ConfigMap, ServiceAccount, Role and RoleBinding, then the Job (its pod needs the
-        ServiceAccount). -> (Job, None), or (None, verdict) when the API server refused a create
-        (quota, an admission webhook or policy, an invalid field): that shows in the status."""
+        """The ConfigMap, ServiceAccount, Role and RoleBinding (and a multi-node job's Service), then
+        the Job (its pod needs the ServiceAccount). -> (Job, None), or (None, verdict) when the API
+        server refused a create (quota, an admission webhook or policy, an invalid field): that shows
+        in the status."""
         try:
             self._create_support(body, spec)
             job, created = self.kube.create(builders.job(body, spec, self.settings, builders.initial_suspend(spec)))
@@ -412,11 +413,14 @@ class Controller:
         return job, None
 
     def _create_support(self, body: dict[str, Any], spec: Any | None) -> list[str]:
-        """Create the four support objects at once (they are independent); a 409 means it exists, and
-        their uid-derived names make it ours. -> the kinds that had to be created."""
+        """Create the four support objects at once (they are independent), and the headless Service
+        of a multi-node FineTuneJob; a 409 means it exists, and their uid-derived names make it ours.
+        -> the kinds that had to be created."""
         children = [builders.service_account(body), builders.role(body)]
         if spec is not None:
             children.insert(0, builders.config_map(body, spec))
+        if builders.needs_service(spec):
+            children.append(builders.rendezvous_service(body))
         futures = [self._children_pool.submit(self.kube.create, child, read_existing=False) for child in children]
         created = [child["kind"] for child, future in zip(children, futures, strict=True) if future.result()[1]]
         # the RoleBinding after its Role: the API server resolves the Role to check for escalation (404 if absent)

@@ -219,8 +219,7 @@ def verdict(job: dict[str, Any] | None, pods: list[dict[str, Any]], spec_suspend
     failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
     done = job_condition(job, "Complete") or job_condition(job, "SuccessCriteriaMet")
     if done:
-        succeeded = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
-        term = termination(succeeded[-1]) if succeeded else None
+        term = result_termination([p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"])
         return Verdict("Succeeded", "Succeeded", (term.message if term and term.message else "the Job completed"))
     failed = job_condition(job, "Failed") or job_condition(job, "FailureTarget")
     if failed:
@@ -240,23 +239,32 @@ def verdict(job: dict[str, Any] | None, pods: list[dict[str, Any]], spec_suspend
 
 
 def attempts(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> int:
-    """Pods started so far, retries included (pods may have been deleted: the Job counts them too)."""
+    """Attempts so far, retries included: pods started (pods may have been deleted: the Job counts
+    them too), per pod of the group (a multi-node job's Indexed Job starts ``parallelism`` at once)."""
     st = (job or {}).get("status") or {}
     counted = int(st.get("succeeded") or 0) + int(st.get("failed") or 0) + int(st.get("active") or 0)
-    return max(len(pods), counted)
+    group = max(int(((job or {}).get("spec") or {}).get("parallelism") or 1), 1)
+    return -(-max(len(pods), counted) // group)
+
+
+def result_termination(ended: list[dict[str, Any]]) -> Termination | None:
+    """The termination of the newest pod whose message carries a result (with several pods only the
+    one with global rank 0 has it), else of the newest pod."""
+    terms = [t for t in (termination(p) for p in ended) if t is not None]
+    with_result = [t for t in terms if t.result]
+    return (with_result or terms or [None])[-1]
 
 
 def results(kind: str, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> dict[str, Any]:
     """Result fields from the termination message of the pod that ended the run (the succeeded one,
-    else the latest failed one); only the fields the kind's status has."""
+    else the latest failed one; of several, the one with a result); only the fields the kind's
+    status has."""
     if job is None:
         return {}
     pods = by_age(pods)
     ended = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"] or \
         [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
-    if not ended:
-        return {}
-    term = termination(ended[-1])
+    term = result_termination(ended)
     if term is None:
         return {}
     return {k: v for k, v in term.result.items() if k in RESULT_FIELDS[kind] and v is not None}

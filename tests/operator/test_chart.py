@@ -33,7 +33,7 @@ def test_cluster_role_is_exactly_least_privilege():
         {("kubetune.dev", f"{p}/finalizers", "update") for p in ("finetunejobs", "mergejobs")} | \
         {("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch")} | \
         {("", "pods", v) for v in ("list", "watch")} | \
-        {("", r, "create") for r in ("configmaps", "serviceaccounts", "events")} | \
+        {("", r, "create") for r in ("configmaps", "serviceaccounts", "services", "events")} | \
         {("", "secrets", "get")} | \
         {("rbac.authorization.k8s.io", r, "create") for r in ("roles", "rolebindings")} | \
         {("kueue.x-k8s.io", "workloads", v) for v in ("list", "patch")}  # spec.suspend -> Workload spec.active
