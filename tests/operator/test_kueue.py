@@ -307,3 +307,30 @@ def test_suspend_deactivates_the_workload_without_a_fight(cluster, ns, kueue, op
 def get_ftj_phase(c: Any, ns: str, name: str) -> str | None:
     obj = c.request("GET", f"/apis/kubetune.dev/v1alpha1/namespaces/{ns}/finetunejobs/{name}")
     return (obj.get("status") or {}).get("phase")
+
+
+def test_a_two_node_job_is_one_workload_admitted_whole(cluster, ns, kueue, operator_proc):
+    """resources.nodes: 2 is one Workload of 2 pods (Kueue's Indexed Job integration): with quota for
+    one GPU it waits with no pod at all (no half-started group holding a GPU); with quota for both it
+    is admitted at once and both pods start (docs/distributed.md)."""
+    queue = queues(kueue, ns, gpus=1)
+    create_s3_secret(cluster, ns)
+    two = {"gpus": 1, "nodes": 2, "nodeSelector": dict(RUNNER)}
+    create(cluster, ns, "FineTuneJob", "pair", ftj_spec(queueName=queue, resources=two))
+    w = wait_workload(kueue, ns, "pair-train", lambda w: _cond(w, "QuotaReserved") == "False", 60, "pair pending")
+    (podset,) = w["spec"]["podSets"]
+    assert podset["count"] == 2
+    assert "insufficient" in json.dumps(w["status"]["conditions"]).lower(), w["status"]
+    time.sleep(3)
+    assert job(cluster, ns, "pair-train")["spec"]["suspend"] is True and pods(cluster, ns, "pair-train") == []
+    wait_status(cluster, ns, "FineTuneJob", "pair", phase_is("Pending", "WaitingForAdmission"), 30)
+
+    # quota for two GPUs: admitted whole, both pods start
+    groups = kueue_mod.cluster_queue(f"cq-{ns}", FLAVOR, gpus=2)["spec"]["resourceGroups"]
+    cluster.request("PATCH", kueue_mod.object_path("ClusterQueue", f"cq-{ns}"), {"spec": {"resourceGroups": groups}},
+                    content_type="application/merge-patch+json")
+    w = wait_workload(kueue, ns, "pair-train", admitted, 60, "pair admitted")
+    assert w["status"]["admission"]["podSetAssignments"][0]["count"] == 2
+    assert w["status"]["admission"]["podSetAssignments"][0]["resourceUsage"]["nvidia.com/gpu"] == "2"
+    wait_for(lambda: len([p for p in pods(cluster, ns, "pair-train") if p["spec"].get("nodeName")]) == 2, 60,
+             "both pods scheduled")
