@@ -159,6 +159,20 @@ def test_bad_dataset_fails_without_retries(system: System) -> None:
     assert job_status.get("failed") == 1 and not job_status.get("succeeded"), job_status
 
 
+def test_missing_model_fails_at_once_without_a_second_pod(system: System) -> None:
+    """A model.uri folder that does not exist used to be a StorageError, retried until the backoff
+    limit (4 GPU pods). It is the spec's input: InvalidSpec, one pod, no retry."""
+    name = "no-model"
+    manifest = finetune(system, name)
+    manifest["spec"]["model"]["uri"] = f"s3://{BUCKET}/models/no-such-model"
+    system.cluster.apply(manifest, namespace=system.namespace)
+    ftj = wait_phase(system, FTJ, name, "Failed", "Succeeded")
+    failed = condition(ftj, "Failed")
+    assert failed["reason"] == "InvalidSpec" and "no-such-model" in failed["message"], ftj["status"]
+    assert ftj["status"]["attempts"] == 1
+    assert len(system.pods(f"kubetune.dev/job-name={name}")) <= 1
+
+
 @pytest.mark.timeout(2 * RUN_TIMEOUT + 300)
 def test_suspend_keeps_checkpoint_and_resume_continues(system: System) -> None:
     name = "pausable"

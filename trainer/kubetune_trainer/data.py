@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import api, contract
-from kubetune_trainer.runtime import InvalidDataset
+from kubetune_trainer.runtime import InvalidDataset, NotFound
 from kubetune_trainer.storage import Store, is_s3, join
 
 log = logging.getLogger("kubetune.data")
@@ -166,7 +166,10 @@ def _fetch_files(spec: api.Dataset, split: str, store: Store, work_dir: Path) ->
     ext = EXTENSIONS[spec.source]
     is_train = split == spec.split
     if is_s3(spec.uri):
-        names = store.list(spec.uri)
+        try:
+            names = store.list(spec.uri)
+        except NotFound as err:  # no such bucket: the spec's input, not a storage fault
+            raise InvalidDataset(f"the dataset {spec.uri} does not exist: {err}") from err
         if not names:
             if not store.exists(spec.uri):
                 raise InvalidDataset(f"the dataset {spec.uri} does not exist")

@@ -79,6 +79,8 @@ def content_digest(uri: str, store: Store) -> str | None:
         except Exception as err:  # noqa: BLE001 - reported like every storage failure
             from kubetune_trainer.runtime import StorageError
 
+            if getattr(err, "response", {}).get("Error", {}).get("Code") == "NoSuchBucket":
+                return None  # nothing there: the recipe names the missing input when it reads it
             raise StorageError(f"cannot list {uri} to fingerprint it: {err}") from err
         return _digest(objects) if objects else None
     path = Path(uri.removeprefix("file://"))

@@ -15,15 +15,17 @@ Heavy libraries (torch, transformers, peft) are imported inside the functions.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from kubetune import api, contract
-from kubetune_trainer.runtime import InvalidSpec, StorageError
+from kubetune_trainer.runtime import InvalidSpec, NotFound
 from kubetune_trainer.storage import Store, join
 
 log = logging.getLogger("kubetune.modeling")
@@ -44,10 +46,16 @@ def is_tokenizer_file(rel: str) -> bool:
 
 def download_model(store: Store, uri: str, dest: Path, tokenizer_only: bool = False) -> Path:
     """Download an s3:// model folder into ``dest`` (parallel, retried by boto3). Files already
-    there are kept, so the full download after a tokenizer-first one fetches only the rest."""
-    rels = store.list(uri)
+    there are kept, so the full download after a tokenizer-first one fetches only the rest.
+
+    A folder (or bucket) that does not exist is the spec's mistake, not a storage fault: InvalidSpec,
+    which fails the job at once instead of retrying it on GPUs (a failing storage is a StorageError)."""
+    try:
+        rels = store.list(uri)
+    except NotFound as err:
+        raise InvalidSpec(f"spec.model.uri {uri}: {err}") from err
     if not rels:
-        raise StorageError(f"the model folder {uri} is empty or does not exist")
+        raise InvalidSpec(f"spec.model.uri {uri}: the model folder is empty or does not exist")
     if tokenizer_only:
         rels = [r for r in rels if is_tokenizer_file(r)]
     dest.mkdir(parents=True, exist_ok=True)
@@ -82,7 +90,8 @@ def load_tokenizer(path: str, source: api.ModelSource, pad: bool = True) -> Any:
     ``pad=False``: the merge publishes the tokenizer as it was)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs(source))
+    with unloadable(source):
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs(source))
     if pad and tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
@@ -92,6 +101,19 @@ def load_tokenizer(path: str, source: api.ModelSource, pad: bool = True) -> Any:
             tokenizer.pad_token = fallback
             log.info("the tokenizer has no pad token: using %r", fallback)
     return tokenizer
+
+
+@contextlib.contextmanager
+def unloadable(source: api.ModelSource) -> Iterator[None]:
+    """A model folder transformers cannot load (no config, a broken tokenizer, weights that do not
+    match the config) is the spec's input: InvalidSpec, permanent. An operating-system error (a full
+    disk: it has an errno) stays what it is."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        if isinstance(err, OSError) and err.errno is not None:
+            raise
+        raise InvalidSpec(f"cannot load the model {source.display()}: {err}") from err
 
 
 def use_cuda() -> bool:
@@ -197,7 +219,8 @@ def load_model(path: str, source: api.ModelSource, quant: api.Quantization, grad
         kwargs["quantization_config"] = bnb
         if not fsdp:
             kwargs["device_map"] = {"": device} if use_cuda() else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with unloadable(source):
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if bnb is not None and not fsdp:  # with FSDP, its own activation checkpointing (sft.fsdp_args)
         model = prepare_model_for_kbit_training(
             model,

@@ -79,6 +79,12 @@ class StorageError(KubetuneError):
     reason = "StorageError"
 
 
+class NotFound(StorageError):
+    """Storage answered that the bucket (or object) does not exist: not a transient fault. The
+    caller that knows whose input it is turns it into a permanent failure (a missing model is an
+    InvalidSpec, a missing dataset an InvalidDataset)."""
+
+
 class InvalidAdapter(KubetuneError):
     exit_code = contract.EXIT_INVALID_ADAPTER
     reason = "InvalidAdapter"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import __version__, api, contract
-from kubetune_trainer.runtime import StorageError
+from kubetune_trainer.runtime import NotFound, StorageError
 
 MB = 1024 * 1024
 WORKERS = 8
@@ -152,7 +152,8 @@ class Store:
             "InvalidAccessKeyId": "the access key is not known to the server",
             "SignatureDoesNotMatch": "the secret key is wrong",
         }.get(code or "", f"{type(err).__name__}: {err}")
-        return StorageError(f"cannot {action} {uri}{where}: {reason}")
+        error = NotFound if code == "NoSuchBucket" else StorageError
+        return error(f"cannot {action} {uri}{where}: {reason}")
 
     # -- single objects -------------------------------------------------------------------------
     def upload_file(self, path: Path, uri: str) -> str:
