@@ -196,6 +196,133 @@ class Resources(ApiModel):
     start, fail and retry together and resume from the last checkpoint."""
 
 
+# Names the operator owns in every pod: a job's own (spec.pod) may not replace them.
+RESERVED_VOLUMES = ("spec", "work", "cache", "tmp", "dshm")
+RESERVED_MOUNT_PATHS = ("/etc/kubetune", "/var/kubetune/work", "/var/kubetune/cache", "/tmp", "/dev/shm")
+RESERVED_LABEL_PREFIXES = ("kubetune.dev/", "app.kubernetes.io/", "batch.kubernetes.io/", "kueue.x-k8s.io/")
+PRESERVE: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+class EnvVar(ApiModel):
+    """An environment variable of the container (core/v1 EnvVar)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("!(has(self.value) && has(self.valueFrom))", "set value or valueFrom, not both"),
+                cel("!self.name.startsWith('KUBETUNE_')", "KUBETUNE_* variables are the operator's"),
+            ]
+        }
+    )
+
+    name: str = Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=256)
+    """Variable name."""
+    value: str | None = None
+    """Its value."""
+    value_from: dict[str, Any] | None = Field(default=None, json_schema_extra=PRESERVE)
+    """A core/v1 EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef), as is."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("set value or valueFrom, not both")
+        if self.name.startswith("KUBETUNE_"):
+            raise ValueError("KUBETUNE_* variables are the operator's")
+        return self
+
+
+class Volume(BaseModel):
+    """A core/v1 Volume: its name, and its source as is (configMap, secret, persistentVolumeClaim,
+    projected, csi, ...)."""
+
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True,
+                              json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+    name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=63)
+    """Volume name (not one of the operator's: spec, work, cache, tmp, dshm)."""
+
+
+class VolumeMount(ApiModel):
+    """A core/v1 VolumeMount of the container."""
+
+    name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=63)
+    """Name of the volume."""
+    mount_path: str = Field(min_length=1, max_length=4096)
+    """Where it is mounted (not over /etc/kubetune, /var/kubetune/work, /var/kubetune/cache, /tmp, /dev/shm)."""
+    read_only: bool | None = None
+    """Mount read-only."""
+    sub_path: str | None = None
+    """A path inside the volume to mount instead of its root."""
+
+
+class PodSettings(ApiModel):
+    """What the pod carries for the platform it runs on: pull secrets, a mesh or autoscaler
+    annotation, a runtime class, workload identity (its own ServiceAccount), the UID a restricted
+    platform assigns (OpenShift), extra volumes and env. The operator's defaults (chart value
+    podDefaults) come first; a job's own settings add to them and win where both set one."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("!has(self.labels) || self.labels.all(k, " + " && ".join(
+                    f"!k.startsWith('{p}')" for p in RESERVED_LABEL_PREFIXES) + ")",
+                    "spec.pod.labels may not use the prefixes kubetune.dev/, app.kubernetes.io/, "
+                    "batch.kubernetes.io/ or kueue.x-k8s.io/ (the operator's and Kueue's)"),
+                cel("!has(self.volumeMounts) || self.volumeMounts.all(m, !(m.mountPath in "
+                    + str(list(RESERVED_MOUNT_PATHS)) + "))",
+                    "spec.pod.volumeMounts may not mount over " + ", ".join(RESERVED_MOUNT_PATHS)),
+                cel("!has(self.volumes) || self.volumes.all(v, !(v.name in "
+                    + str(list(RESERVED_VOLUMES)) + "))",
+                    "spec.pod.volumes may not be named " + ", ".join(RESERVED_VOLUMES) + " (the operator's)"),
+            ]
+        }
+    )
+
+    labels: dict[str, str] | None = Field(default=None, max_length=64)
+    """Extra pod labels (not the operator's own prefixes)."""
+    annotations: dict[str, str] | None = Field(default=None, max_length=64)
+    """Extra pod annotations, e.g. sidecar.istio.io/inject: "false" or
+    cluster-autoscaler.kubernetes.io/safe-to-evict: "false"."""
+    image_pull_secrets: list[Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]] | None = Field(
+        default=None, max_length=16)
+    """Secrets (in the job's namespace) to pull the image with."""
+    runtime_class_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    """RuntimeClass of the pod (e.g. nvidia)."""
+    service_account_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    """Run the pod as this ServiceAccount of the job's namespace instead of the one the operator makes
+    for the job: workload identity (IRSA, GKE or Azure Workload Identity) then gives it storage
+    credentials, and storage.secretRef can be left out. The operator binds the job's progress-channel
+    Role to it, so it may still patch this job's status, and nothing more of kubetune's."""
+    run_as_user: int | None = Field(default=None, ge=1)
+    """UID of the container (default: the operator's --run-as-user, 1000; unset there on platforms
+    that assign one, such as OpenShift)."""
+    run_as_group: int | None = Field(default=None, ge=0)
+    """GID of the container."""
+    fs_group: int | None = Field(default=None, ge=0)
+    """Group that owns the pod's volumes."""
+    env: list[EnvVar] | None = Field(default=None, max_length=128)
+    """Extra environment (not KUBETUNE_*); replaces a variable of the operator's with the same name."""
+    volumes: list[Volume] | None = Field(default=None, max_length=32)
+    """Extra core/v1 Volumes (not named like the operator's), e.g. a projected ServiceAccount token."""
+    volume_mounts: list[VolumeMount] | None = Field(default=None, max_length=32)
+    """Extra mounts of the container (not over the operator's paths)."""
+
+    @model_validator(mode="after")
+    def _reserved(self) -> PodSettings:
+        for key in self.labels or {}:
+            if key.startswith(RESERVED_LABEL_PREFIXES):
+                raise ValueError("spec.pod.labels may not use the prefixes kubetune.dev/, app.kubernetes.io/, "
+                                 "batch.kubernetes.io/ or kueue.x-k8s.io/ (the operator's and Kueue's)")
+        for mount in self.volume_mounts or []:
+            if mount.mount_path in RESERVED_MOUNT_PATHS:
+                raise ValueError("spec.pod.volumeMounts may not mount over " + ", ".join(RESERVED_MOUNT_PATHS))
+        for volume in self.volumes or []:
+            if volume.name in RESERVED_VOLUMES:
+                raise ValueError("spec.pod.volumes may not be named " + ", ".join(RESERVED_VOLUMES) +
+                                 " (the operator's)")
+        return self
+
+
 class JobControls(ApiModel):
     """Fields shared by both kinds that control the Kubernetes Job."""
 
@@ -213,6 +340,9 @@ class JobControls(ApiModel):
     """Fail the job when its pod has not started running this long after it was created
     (ImagePullBackOff, CreateContainerConfigError, Unschedulable, ...), which frees its GPU and
     queue quota. Empty: the operator's default (--startup-timeout, chart value startupTimeoutSeconds)."""
+    pod: PodSettings | None = None
+    """Pod settings for the platform: labels, annotations, imagePullSecrets, runtimeClassName,
+    serviceAccountName (workload identity), UID/GID, extra env and volumes."""
 
 
 # ----------------------------------------------------------------------------------------------

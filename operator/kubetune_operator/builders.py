@@ -43,6 +43,12 @@ class Settings:
     termination_grace_seconds: int = TERMINATION_GRACE_SECONDS
     startup_timeout_seconds: int = 900
     """Default of ``spec.startupTimeoutSeconds`` (``--startup-timeout``)."""
+    run_as_user: int | None = RUN_AS
+    """UID (and GID, fsGroup) of every pod unless its spec.pod sets one; None leaves them to the
+    platform (OpenShift assigns one per namespace) (``--run-as-user``, chart value runAsUser)."""
+    pod_defaults: api.PodSettings | None = None
+    """The platform's pod settings for every job, under each job's own spec.pod (``--pod-defaults``,
+    chart value podDefaults)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,8 +169,9 @@ def role(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def role_binding(body: dict[str, Any]) -> dict[str, Any]:
-    """Binds :func:`role` to :func:`service_account`."""
+def role_binding(body: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
+    """Binds :func:`role` to the pod's ServiceAccount: :func:`service_account`, or the one spec.pod
+    (or the operator's pod defaults) names (workload identity)."""
     meta = body["metadata"]
     name = support_name(body)
     return {
@@ -172,8 +179,43 @@ def role_binding(body: dict[str, Any]) -> dict[str, Any]:
         "kind": "RoleBinding",
         "metadata": _metadata(body, name),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": meta["namespace"]}],
+        "subjects": [{"kind": "ServiceAccount", "name": pod_service_account(body, settings),
+                      "namespace": meta["namespace"]}],
     }
+
+
+def pod_service_account(body: dict[str, Any], settings: Settings | None = None) -> str:
+    """The ServiceAccount the pod runs as (read from the raw spec: also when it cannot be parsed)."""
+    raw = ((body.get("spec") or {}).get("pod") or {}).get("serviceAccountName")
+    default = settings.pod_defaults.service_account_name if settings and settings.pod_defaults else None
+    return raw or default or support_name(body)
+
+
+def merge_pod_settings(defaults: api.PodSettings | None, own: api.PodSettings | None) -> api.PodSettings:
+    """The platform's defaults, then the job's own: maps merged and lists joined (the job's entry
+    wins where both name one: a label key, an env name, a volume name, a mount path), single values
+    the job's where it sets them."""
+    a, b = defaults or api.PodSettings(), own or api.PodSettings()
+
+    def keyed(key: Any, first: list[Any] | None, second: list[Any] | None) -> list[Any] | None:
+        merged = {key(x): x for x in first or []}
+        merged.update({key(x): x for x in second or []})
+        return list(merged.values()) or None
+
+    return api.PodSettings.model_construct(
+        labels={**(a.labels or {}), **(b.labels or {})} or None,
+        annotations={**(a.annotations or {}), **(b.annotations or {})} or None,
+        image_pull_secrets=list(dict.fromkeys([*(a.image_pull_secrets or []), *(b.image_pull_secrets or [])]))
+        or None,
+        runtime_class_name=b.runtime_class_name or a.runtime_class_name,
+        service_account_name=b.service_account_name or a.service_account_name,
+        run_as_user=b.run_as_user or a.run_as_user,
+        run_as_group=b.run_as_group if b.run_as_group is not None else a.run_as_group,
+        fs_group=b.fs_group if b.fs_group is not None else a.fs_group,
+        env=keyed(lambda e: e.name, a.env, b.env),
+        volumes=keyed(lambda v: v.name, a.volumes, b.volumes),
+        volume_mounts=keyed(lambda m: m.mount_path, a.volume_mounts, b.volume_mounts),
+    )
 
 
 def rendezvous_service_name(body: dict[str, Any]) -> str:
@@ -283,14 +325,17 @@ def pod_failure_policy(container: str) -> dict[str, Any]:
     }
 
 
-def pod_security_context() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS,
-        "runAsGroup": RUN_AS,
-        "fsGroup": RUN_AS,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+def pod_security_context(user: int | None = RUN_AS, group: int | None = None,
+                         fs_group: int | None = None) -> dict[str, Any]:
+    """Restricted: non-root, RuntimeDefault seccomp. The UID (GID and fsGroup default to it) may be
+    left out (``user`` None) for a platform that assigns one."""
+    out: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    group = group if group is not None else user
+    fs_group = fs_group if fs_group is not None else group
+    for key, value in (("runAsUser", user), ("runAsGroup", group), ("fsGroup", fs_group)):
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def container_security_context() -> dict[str, Any]:
@@ -345,13 +390,18 @@ def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobS
         *credential_env(spec),
         *(rank_env(body, spec) if isinstance(spec, api.FineTuneJobSpec) else []),
     ]
-    pod_meta = {"labels": labels(kind, meta["name"]), "annotations": {LABEL_OWNER: f"{kind}/{meta['name']}"}}
+    pod = merge_pod_settings(settings.pod_defaults, spec.pod)
+    own_env = {e.name for e in pod.env or []}
+    env = [e for e in env if e["name"] not in own_env] + [e.to_wire() for e in pod.env or []]
+    pod_meta = {"labels": {**(pod.labels or {}), **labels(kind, meta["name"])},
+                "annotations": {**(pod.annotations or {}), LABEL_OWNER: f"{kind}/{meta['name']}"}}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "serviceAccountName": support_name(body),
+        "serviceAccountName": pod.service_account_name or support_name(body),
         "automountServiceAccountToken": True,
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
-        "securityContext": pod_security_context(),
+        "securityContext": pod_security_context(pod.run_as_user or settings.run_as_user, pod.run_as_group,
+                                                pod.fs_group),
         **_placement(spec.resources),
         "containers": [
             {
@@ -380,8 +430,14 @@ def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobS
             {"name": "cache", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
+            *(v.model_dump(by_alias=True, exclude_none=True, mode="json") for v in pod.volumes or []),
         ],
     }
+    pod_spec["containers"][0]["volumeMounts"] += [m.to_wire() for m in pod.volume_mounts or []]
+    if pod.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in pod.image_pull_secrets]
+    if pod.runtime_class_name:
+        pod_spec["runtimeClassName"] = pod.runtime_class_name
     job_meta = _metadata(body, name)
     queue = getattr(spec, "queue_name", None)
     if queue:

@@ -54,12 +54,19 @@ EXIT_GRACE = 2.0  # seconds a replica that lost the lease may take to exit clean
 @click.option("--resync-seconds", envvar="KUBETUNE_RESYNC_SECONDS", type=click.FloatRange(1), default=600,
               show_default=True, help="Relist everything this often: prune what vanished in a watch gap, "
               "reconcile what is unfinished.")
+@click.option("--run-as-user", envvar="KUBETUNE_RUN_AS_USER", default="1000", show_default=True, metavar="UID",
+              help="UID (and GID, fsGroup) of every pod unless its spec.pod sets one; empty leaves them to the "
+              "platform (OpenShift assigns one per namespace).")
+@click.option("--pod-defaults", envvar="KUBETUNE_POD_DEFAULTS", default="", metavar="JSON|@FILE",
+              help="The platform's pod settings for every job (the spec.pod fields: labels, annotations, "
+              "imagePullSecrets, runtimeClassName, serviceAccountName, env, volumes, ...), as JSON or @file; "
+              "each job's spec.pod goes on top.")
 @click.option("--log-format", type=click.Choice(["plain", "full", "json"]), default="plain", show_default=True)
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def operator(namespaces: tuple[str, ...], all_namespaces: bool, trainer_image: str, metrics_port: int,
              liveness: str | None, leader_elect: bool, lease_namespace: str, lease_name: str,
              lease_duration: float, renew_deadline: float, retry_period: float, startup_timeout: int,
-             resync_seconds: float, log_format: str, verbose: bool) -> None:
+             resync_seconds: float, run_as_user: str, pod_defaults: str, log_format: str, verbose: bool) -> None:
     """Run the operator (reconciles FineTuneJob and MergeJob into batch/v1 Jobs)."""
     if bool(namespaces) == all_namespaces:
         raise click.UsageError("give --namespace (one or more) or --all-namespaces")
@@ -82,8 +89,9 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, trainer_image: s
     identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     user_agent = f"kubetune-operator/{identity}"  # the API server's audit log tells replicas apart
     kube = Kube.from_environment(user_agent)
-    controller = Controller(kube, builders.Settings(trainer_image=trainer_image,
-                                                    startup_timeout_seconds=startup_timeout),
+    settings = builders.Settings(trainer_image=trainer_image, startup_timeout_seconds=startup_timeout,
+                                 run_as_user=_uid(run_as_user), pod_defaults=_pod_defaults(pod_defaults))
+    controller = Controller(kube, settings,
                             resync_seconds=resync_seconds)
     handlers.configure(controller, None if all_namespaces else list(namespaces))
     _kopf_login(kube, user_agent)
@@ -195,3 +203,31 @@ def _kopf_login(kube: Any, user_agent: str) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     operator(prog_name=os.path.basename(sys.argv[0]))
+
+
+def _uid(text: str) -> int | None:
+    if not text.strip():
+        return None
+    try:
+        uid = int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a UID", param_hint="--run-as-user") from None
+    if uid < 1:
+        raise click.BadParameter("pods run as non-root: the UID must be 1 or more", param_hint="--run-as-user")
+    return uid
+
+
+def _pod_defaults(text: str) -> Any:
+    """--pod-defaults: JSON (or @file, JSON or YAML) validated as spec.pod."""
+    if not text.strip():
+        return None
+    import yaml
+    from pydantic import ValidationError
+
+    from kubetune import api
+
+    try:
+        doc = yaml.safe_load(open(text[1:]).read() if text.startswith("@") else text)  # noqa: SIM115
+        return api.PodSettings.model_validate(doc or {})
+    except (OSError, yaml.YAMLError, ValidationError) as err:
+        raise click.BadParameter(str(err), param_hint="--pod-defaults") from None

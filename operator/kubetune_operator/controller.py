@@ -372,6 +372,11 @@ class Controller:
         needs = validation.secret_needs(run_spec)
         secrets = {n.name: self._secret_keys(ns, n.name) for n in needs}
         blocked = validation.check_secrets(needs, secrets)
+        if blocked is None:
+            account = builders.pod_service_account(body, self.settings)
+            if account != builders.support_name(body):  # spec.pod's (workload identity): it must exist
+                blocked = validation.check_service_account(account,
+                                                           self.kube.get("ServiceAccount", ns, account) is not None)
         return (blocked, None) if blocked else (None, run_spec)
 
     def _secret_keys(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -424,7 +429,7 @@ class Controller:
         futures = [self._children_pool.submit(self.kube.create, child, read_existing=False) for child in children]
         created = [child["kind"] for child, future in zip(children, futures, strict=True) if future.result()[1]]
         # the RoleBinding after its Role: the API server resolves the Role to check for escalation (404 if absent)
-        if self.kube.create(builders.role_binding(body), read_existing=False)[1]:
+        if self.kube.create(builders.role_binding(body, self.settings), read_existing=False)[1]:
             created.append("RoleBinding")
         return created
 

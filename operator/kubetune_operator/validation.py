@@ -87,6 +87,16 @@ def check_secrets(needs: list[SecretNeed], secrets: Mapping[str, dict[str, Any] 
                    "with backoff)", stalled=True)
 
 
+def check_service_account(name: str, exists: bool) -> Verdict | None:
+    """spec.pod.serviceAccountName (or the operator's default) must exist before a pod is made:
+    the Job controller would otherwise retry the pod creation silently."""
+    if exists:
+        return None
+    return Verdict("Pending", "ServiceAccountNotFound",
+                   f"ServiceAccount {name!r} (spec.pod.serviceAccountName) not found in the job's namespace; "
+                   "create it and the job starts (re-checked with backoff)", stalled=True)
+
+
 def check_resources(spec: api.FineTuneJobSpec | api.MergeJobSpec, default_image: str | None) -> Verdict | None:
     """GPU resource name and image sanity."""
     problems = []

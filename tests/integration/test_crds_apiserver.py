@@ -84,6 +84,13 @@ def test_crds_are_accepted_and_apply_defaults(kubectl: Kubectl) -> None:
         ("training", {"maxSteps": 5, "distributed": "fsdp"},  # gpus defaults to 1: one rank
          "training.distributed fsdp shards the model over ranks: it needs more than one"),
         ("training", {"maxSteps": 5, "distributed": "zero3"}, 'Unsupported value: "zero3"'),
+        ("pod", {"env": [{"name": "KUBETUNE_UID", "value": "x"}]}, "KUBETUNE_* variables are the operator's"),
+        ("pod", {"env": [{"name": "A", "value": "x", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]},
+         "set value or valueFrom, not both"),
+        ("pod", {"labels": {"kubetune.dev/kind": "x"}}, "spec.pod.labels may not use the prefixes"),
+        ("pod", {"volumes": [{"name": "work", "emptyDir": {}}]}, "spec.pod.volumes may not be named"),
+        ("pod", {"volumeMounts": [{"name": "data", "mountPath": "/tmp"}]}, "spec.pod.volumeMounts may not mount over"),
+        ("pod", {"runAsUser": 0}, "spec.pod.runAsUser: Invalid value"),
     ],
 )
 def test_bad_manifests_are_rejected_with_a_clear_message(kubectl: Kubectl, path: str, value: Any,

@@ -34,7 +34,7 @@ def test_cluster_role_is_exactly_least_privilege():
         {("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch")} | \
         {("", "pods", v) for v in ("list", "watch")} | \
         {("", r, "create") for r in ("configmaps", "serviceaccounts", "services", "events")} | \
-        {("", "secrets", "get")} | \
+        {("", "secrets", "get"), ("", "serviceaccounts", "get")} | \
         {("rbac.authorization.k8s.io", r, "create") for r in ("roles", "rolebindings")} | \
         {("kueue.x-k8s.io", "workloads", v) for v in ("list", "patch")}  # spec.suspend -> Workload spec.active
     assert got == want
@@ -135,7 +135,7 @@ def test_helm_lint_and_render_cluster_wide():
     (container,) = dep["spec"]["template"]["spec"]["containers"]
     assert container["image"] == f"ghcr.io/kubetune/operator:{__version__}"
     assert container["args"] == ["operator", "--all-namespaces", "--metrics-port=8080", "--log-format=json",
-                                 "--startup-timeout=900", "--resync-seconds=600",
+                                 "--startup-timeout=900", "--resync-seconds=600", "--run-as-user=1000",
                                  "--leader-elect", "--lease-name=kubetune-operator"]
     assert {"name": "KUBETUNE_TRAINER_IMAGE", "value": "ghcr.io/kubetune/trainer:0.1.0"} in container["env"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -143,6 +143,24 @@ def test_helm_lint_and_render_cluster_wide():
     assert not any(kind == "ServiceMonitor" for kind, _ in docs)
     crds = {d["metadata"]["name"] for d in _render() if d["kind"] == "CustomResourceDefinition"}
     assert crds <= {"finetunejobs.kubetune.dev", "mergejobs.kubetune.dev"}
+
+
+@pytest.mark.integration
+def test_helm_render_pod_defaults_and_a_platform_assigned_uid():
+    import json
+
+    from kubetune_operator import cli
+
+    docs = _render("runAsUser=null", "podDefaults.imagePullSecrets={registry-creds}",
+                   "podDefaults.annotations.example\\.com/team=ml")
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--run-as-user=" in args  # OpenShift: the platform assigns the UID
+    (flag,) = [a for a in args if a.startswith("--pod-defaults=")]
+    defaults = cli._pod_defaults(flag.removeprefix("--pod-defaults="))  # what the operator parses
+    assert defaults.image_pull_secrets == ["registry-creds"]
+    assert defaults.annotations == {"example.com/team": "ml"}
+    assert json.loads(flag.removeprefix("--pod-defaults="))["imagePullSecrets"] == ["registry-creds"]
+    assert cli._uid("") is None and cli._uid("1000") == 1000
 
 
 @pytest.mark.integration

@@ -144,8 +144,10 @@ def test_fingerprint_ignores_what_does_not_change_the_result() -> None:
     base = api.FineTuneJobSpec.model_validate(spec_doc({"name": "m"}, {"source": "jsonl", "uri": "s3://bkt/d.jsonl"},
                                                        "s3://bkt/out"))
     same = base.model_copy(update={
-        "suspend": True, "resources": api.Resources(gpus=4), "image": "other:1", "backoff_limit": 9,
-        "training": base.training.model_copy(update={"logging_steps": 1, "save_steps": 7, "keep_checkpoints": 5}),
+        "suspend": True, "resources": api.Resources(gpus=4, nodes=2), "image": "other:1", "backoff_limit": 9,
+        "pod": api.PodSettings(labels={"team": "a"}),
+        "training": base.training.model_copy(update={"logging_steps": 1, "save_steps": 7, "keep_checkpoints": 5,
+                                                     "distributed": "fsdp"}),
     })
     assert fingerprint.spec_inputs(same) == fingerprint.spec_inputs(base)
     for changed in (base.model_copy(update={"lora": base.lora.model_copy(update={"r": 4})}),

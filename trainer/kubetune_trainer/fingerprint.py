@@ -6,8 +6,9 @@ The fingerprint hashes three things:
 * the spec fields that change the trained adapter: ``model`` (name or uri, revision),
   ``quantization``, ``lora``, ``dataset`` (source, uri, split, eval split, format and its fields)
   and ``training`` — minus the fields that only change how a run is watched or stored
-  (:data:`OPERATIONAL`). Names, ``suspend``, ``resources``, ``storage``, ``tracking``, ``image``,
-  retries and ``merge`` never count. A new field counts unless it is listed there, so the rule
+  (:data:`OPERATIONAL`). Names, ``suspend``, ``resources`` (GPUs and nodes too: a checkpoint
+  resumes with any number of ranks), ``training.distributed``, ``storage``, ``tracking``, ``image``,
+  ``pod``, retries and ``merge`` never count. A new field counts unless it is listed there, so the rule
   errs on the side of "another run";
 * the dataset's content: the ETag and size of every object under an ``s3://`` uri, or the sha256 of
   every local file (a hub id or ``hub://`` dataset counts by its name only);
@@ -34,7 +35,8 @@ from kubetune_trainer.storage import Store, is_s3, sha256_file, split_s3
 # Spec fields (wire names) that do not change the result: cadence of logs, evaluations and
 # checkpoints, retention, safety limits of the watchdog and data checks, evaluation-only settings.
 OPERATIONAL = {
-    "training": {"loggingSteps", "evalSteps", "saveSteps", "keepCheckpoints", "watchdog", "maxTruncatedFraction"},
+    "training": {"loggingSteps", "evalSteps", "saveSteps", "keepCheckpoints", "watchdog", "maxTruncatedFraction",
+                 "distributed"},
     "dataset": {"secretRef"},
     "dataset.eval": {"maxSamples"},
     "model": {"secretRef", "trustRemoteCode"},
