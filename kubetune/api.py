@@ -197,8 +197,9 @@ class Resources(ApiModel):
 
 
 # Names the operator owns in every pod: a job's own (spec.pod) may not replace them.
-RESERVED_VOLUMES = ("spec", "work", "cache", "tmp", "dshm")
-RESERVED_MOUNT_PATHS = ("/etc/kubetune", "/var/kubetune/work", "/var/kubetune/cache", "/tmp", "/dev/shm")
+RESERVED_VOLUMES = ("spec", "work", "cache", "tmp", "dshm", "model-cache")
+RESERVED_MOUNT_PATHS = ("/etc/kubetune", "/var/kubetune/work", "/var/kubetune/cache", "/var/kubetune/model-cache",
+                        "/tmp", "/dev/shm")
 RESERVED_LABEL_PREFIXES = ("kubetune.dev/", "app.kubernetes.io/", "batch.kubernetes.io/", "kueue.x-k8s.io/")
 PRESERVE: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
 
@@ -239,7 +240,7 @@ class Volume(BaseModel):
                               json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 
     name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=63)
-    """Volume name (not one of the operator's: spec, work, cache, tmp, dshm)."""
+    """Volume name (not one of the operator's: spec, work, cache, tmp, dshm, model-cache)."""
 
 
 class VolumeMount(ApiModel):
@@ -248,7 +249,7 @@ class VolumeMount(ApiModel):
     name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=63)
     """Name of the volume."""
     mount_path: str = Field(min_length=1, max_length=4096)
-    """Where it is mounted (not over /etc/kubetune, /var/kubetune/work, /var/kubetune/cache, /tmp, /dev/shm)."""
+    """Where it is mounted (not over /etc/kubetune, /var/kubetune/..., /tmp, /dev/shm)."""
     read_only: bool | None = None
     """Mount read-only."""
     sub_path: str | None = None
@@ -323,6 +324,17 @@ class PodSettings(ApiModel):
         return self
 
 
+class ModelCache(ApiModel):
+    """Where base models are kept between pods, by content."""
+
+    claim_name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    """A PersistentVolumeClaim of the job's namespace (ReadWriteMany when jobs run on several nodes
+    at once). An s3:// model is stored there once per content (its objects' ETags and sizes) and read
+    by every later pod: retries, resumes, later jobs and MergeJobs; a hub model goes to the Hugging
+    Face cache on it. Concurrent jobs are safe: a download lands under a temporary name and is
+    renamed into place whole."""
+
+
 class JobControls(ApiModel):
     """Fields shared by both kinds that control the Kubernetes Job."""
 
@@ -343,6 +355,9 @@ class JobControls(ApiModel):
     pod: PodSettings | None = None
     """Pod settings for the platform: labels, annotations, imagePullSecrets, runtimeClassName,
     serviceAccountName (workload identity), UID/GID, extra env and volumes."""
+    model_cache: ModelCache | None = None
+    """Keep the base model on a volume shared by retries and later jobs instead of downloading it
+    in every pod (default: the operator's --model-cache-claim, chart value modelCache.claimName)."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,6 +38,10 @@ DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 DEFAULT_SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 WORK_DIR = "/var/kubetune/work"
 CACHE_DIR = "/var/kubetune/cache"  # HF_HOME
+# spec.modelCache: a PersistentVolumeClaim mounted here, shared by retries, later jobs and MergeJobs.
+# s3:// models are kept under models/<content digest>/; hub models in HF's own cache (hub/).
+MODEL_CACHE_DIR = "/var/kubetune/model-cache"
+ENV_MODEL_CACHE = "KUBETUNE_MODEL_CACHE"
 
 # Credentials, injected with secretKeyRef from the Secrets named in the spec.
 ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"

@@ -46,6 +46,8 @@ class Settings:
     run_as_user: int | None = RUN_AS
     """UID (and GID, fsGroup) of every pod unless its spec.pod sets one; None leaves them to the
     platform (OpenShift assigns one per namespace) (``--run-as-user``, chart value runAsUser)."""
+    model_cache_claim: str | None = None
+    """Default of spec.modelCache.claimName (``--model-cache-claim``, chart value modelCache.claimName)."""
     pod_defaults: api.PodSettings | None = None
     """The platform's pod settings for every job, under each job's own spec.pod (``--pod-defaults``,
     chart value podDefaults)."""
@@ -433,6 +435,14 @@ def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobS
             *(v.model_dump(by_alias=True, exclude_none=True, mode="json") for v in pod.volumes or []),
         ],
     }
+    claim = spec.model_cache.claim_name if spec.model_cache else settings.model_cache_claim
+    if claim:  # base models by content, shared by retries and later jobs (hub models: HF's own cache)
+        pod_spec["volumes"].append({"name": "model-cache", "persistentVolumeClaim": {"claimName": claim}})
+        pod_spec["containers"][0]["volumeMounts"].append({"name": "model-cache",
+                                                          "mountPath": contract.MODEL_CACHE_DIR})
+        pod_spec["containers"][0]["env"] += [
+            {"name": contract.ENV_MODEL_CACHE, "value": contract.MODEL_CACHE_DIR},
+            {"name": "HF_HUB_CACHE", "value": f"{contract.MODEL_CACHE_DIR}/hub"}]
     pod_spec["containers"][0]["volumeMounts"] += [m.to_wire() for m in pod.volume_mounts or []]
     if pod.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": n} for n in pod.image_pull_secrets]

@@ -57,6 +57,9 @@ EXIT_GRACE = 2.0  # seconds a replica that lost the lease may take to exit clean
 @click.option("--run-as-user", envvar="KUBETUNE_RUN_AS_USER", default="1000", show_default=True, metavar="UID",
               help="UID (and GID, fsGroup) of every pod unless its spec.pod sets one; empty leaves them to the "
               "platform (OpenShift assigns one per namespace).")
+@click.option("--model-cache-claim", envvar="KUBETUNE_MODEL_CACHE_CLAIM", default="", metavar="PVC",
+              help="PersistentVolumeClaim (in each job's namespace) that keeps base models for every job "
+              "that sets no spec.modelCache; empty: none.")
 @click.option("--pod-defaults", envvar="KUBETUNE_POD_DEFAULTS", default="", metavar="JSON|@FILE",
               help="The platform's pod settings for every job (the spec.pod fields: labels, annotations, "
               "imagePullSecrets, runtimeClassName, serviceAccountName, env, volumes, ...), as JSON or @file; "
@@ -66,7 +69,8 @@ EXIT_GRACE = 2.0  # seconds a replica that lost the lease may take to exit clean
 def operator(namespaces: tuple[str, ...], all_namespaces: bool, trainer_image: str, metrics_port: int,
              liveness: str | None, leader_elect: bool, lease_namespace: str, lease_name: str,
              lease_duration: float, renew_deadline: float, retry_period: float, startup_timeout: int,
-             resync_seconds: float, run_as_user: str, pod_defaults: str, log_format: str, verbose: bool) -> None:
+             resync_seconds: float, run_as_user: str, model_cache_claim: str, pod_defaults: str, log_format: str,
+             verbose: bool) -> None:
     """Run the operator (reconciles FineTuneJob and MergeJob into batch/v1 Jobs)."""
     if bool(namespaces) == all_namespaces:
         raise click.UsageError("give --namespace (one or more) or --all-namespaces")
@@ -90,7 +94,8 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, trainer_image: s
     user_agent = f"kubetune-operator/{identity}"  # the API server's audit log tells replicas apart
     kube = Kube.from_environment(user_agent)
     settings = builders.Settings(trainer_image=trainer_image, startup_timeout_seconds=startup_timeout,
-                                 run_as_user=_uid(run_as_user), pod_defaults=_pod_defaults(pod_defaults))
+                                 run_as_user=_uid(run_as_user), pod_defaults=_pod_defaults(pod_defaults),
+                                 model_cache_claim=model_cache_claim or None)
     controller = Controller(kube, settings,
                             resync_seconds=resync_seconds)
     handlers.configure(controller, None if all_namespaces else list(namespaces))

@@ -49,3 +49,51 @@ def test_workload_identity_without_a_storage_secret(real_system: System) -> None
     assert pod["serviceAccountName"] == "trainer-identity"
     names = {e["name"] for e in pod["containers"][0]["env"]}
     assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, names
+
+
+def test_a_retried_pod_reads_the_model_from_the_cache(real_system: System, tmp_path_factory: Any) -> None:
+    """spec.modelCache on the real node: a PersistentVolumeClaim (bound to a hostPath volume of the
+    node). The first pod downloads the model into it; the pod is deleted mid-run and the retry
+    reads the model from the cache, with no download (issue #15, part 2)."""
+    import os
+    import re
+
+    from e2e_support import wait_for
+    from test_real_node import pod_of
+
+    system, name = real_system, "cached"
+    ns = system.namespace
+    folder = tmp_path_factory.mktemp("model-cache")
+    os.chmod(folder, 0o777)  # the pod runs as UID 1000; a hostPath volume is not chowned to its fsGroup
+    system.cluster.kube.request("POST", "/api/v1/persistentvolumes", body={
+        "metadata": {"name": f"model-cache-{ns}"},
+        "spec": {"capacity": {"storage": "5Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(folder), "type": "Directory"},
+                 "claimRef": {"namespace": ns, "name": "hf-models"}}})
+    system.cluster.kube.request("POST", f"/api/v1/namespaces/{ns}/persistentvolumeclaims", body={
+        "metadata": {"name": "hf-models"},
+        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": f"model-cache-{ns}",
+                 "resources": {"requests": {"storage": "5Gi"}}}})
+    manifest = finetune(system, name, max_steps=40, save_steps=2)
+    manifest["spec"]["modelCache"] = {"claimName": "hf-models"}
+    system.cluster.apply(manifest, namespace=ns)
+
+    def checkpointed() -> dict[str, Any] | None:
+        st = (system.resource(FTJ, name) or {}).get("status") or {}
+        if st.get("phase") in ("Succeeded", "Failed"):
+            raise AssertionError(f"the run ended before its pod could be deleted: {st}")
+        return st if st.get("checkpointUri") else None
+
+    wait_for(checkpointed, 420, "a first checkpoint", interval=0.5)
+    first = pod_of(system, name)["metadata"]["name"]
+    first_log = system.cluster.kubectl("logs", "-n", ns, first).stdout
+    assert "stored in the model cache" in first_log, first_log[-3000:]
+    system.cluster.kubectl("delete", "pod", first, "-n", ns, "--wait=true", timeout=180)
+    done = wait_phase(system, FTJ, name, "Succeeded", "Failed")
+    assert done["status"]["phase"] == "Succeeded", f"{done['status']}\n{system.diagnostics()}"
+    retry = pod_of(system, name)
+    assert retry["metadata"]["name"] != first
+    log = system.cluster.kubectl("logs", "-n", ns, retry["metadata"]["name"]).stdout
+    assert "from the model cache" in log and "stored in the model cache" not in log, log[-3000:]
+    assert re.search(r"resuming from step \d+", log)
+    assert len(list((folder / "models").iterdir())) == 1  # one entry, whole (no partial copy left)

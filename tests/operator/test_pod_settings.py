@@ -104,3 +104,22 @@ def test_a_missing_service_account_waits_with_its_name() -> None:
 def test_what_the_operator_owns_is_refused(pod: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message.replace("*", r"\*")):
         api.PodSettings.model_validate(pod)
+
+
+def test_model_cache_mounts_the_claim_from_the_spec_or_the_operator(ftj_body: Any) -> None:
+    from kubetune import contract
+
+    def pod_of(body: dict[str, Any], settings: builders.Settings) -> dict[str, Any]:
+        return build(body, settings)["spec"]["template"]["spec"]
+
+    body = ftj_body()
+    body["spec"]["modelCache"] = {"claimName": "hf-models"}
+    for pod in (pod_of(body, builders.Settings(model_cache_claim="other")),
+                pod_of(ftj_body(), builders.Settings(model_cache_claim="hf-models"))):
+        assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "hf-models"}} in pod["volumes"]
+        (container,) = pod["containers"]
+        assert {"name": "model-cache", "mountPath": contract.MODEL_CACHE_DIR} in container["volumeMounts"]
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        assert env[contract.ENV_MODEL_CACHE] == contract.MODEL_CACHE_DIR
+        assert env["HF_HUB_CACHE"] == f"{contract.MODEL_CACHE_DIR}/hub"  # hub models: HF's own cache on it
+    assert not any(v["name"] == "model-cache" for v in pod_of(ftj_body(), builders.Settings())["volumes"])

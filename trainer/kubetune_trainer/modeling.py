@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -66,12 +67,64 @@ def download_model(store: Store, uri: str, dest: Path, tokenizer_only: bool = Fa
     return dest
 
 
-def resolve_model(source: api.ModelSource, store: Store, work_dir: Path, tokenizer_only: bool = False) -> str:
-    """A name or local path that ``from_pretrained`` accepts for this model source."""
+def resolve_model(source: api.ModelSource, store: Store, work_dir: Path, tokenizer_only: bool = False,
+                  cache: Path | None = None) -> str:
+    """A name or local path that ``from_pretrained`` accepts for this model source. ``cache``
+    (spec.modelCache, mounted; default ``$KUBETUNE_MODEL_CACHE``): an s3:// model is read from there
+    when a pod stored it before, else downloaded into it (:func:`cached_model`)."""
+    if cache is None and os.environ.get(contract.ENV_MODEL_CACHE):
+        cache = Path(os.environ[contract.ENV_MODEL_CACHE])
     if source.uri:
+        if cache is not None:
+            return str(cached_model(store, source.uri, cache, work_dir, tokenizer_only))
         return str(download_model(store, source.uri, work_dir / "model", tokenizer_only=tokenizer_only))
     assert source.name is not None
     return source.name
+
+
+COMPLETE = ".kubetune-complete"  # written last into a cached model folder (its files and digest)
+
+
+def cached_model(store: Store, uri: str, cache: Path, work_dir: Path, tokenizer_only: bool = False) -> Path:
+    """The model folder for ``uri`` in the shared cache, keyed by the content of its objects (ETags
+    and sizes, :func:`kubetune_trainer.fingerprint.content_digest`), so a changed model is another
+    entry and an unchanged one is never fetched twice.
+
+    Safe under concurrent pods: a download goes to a temporary folder next to the entry and is
+    renamed into place whole (an atomic rename on one filesystem); a pod that loses the race
+    removes its copy and uses the winner's. Only complete entries (with :data:`COMPLETE`) are read.
+    ``tokenizer_only`` with no cached entry yet fetches just the tokenizer files into the pod's work
+    dir, as without a cache (bad data still fails before any weights move)."""
+    import shutil
+    import uuid
+
+    from kubetune_trainer.fingerprint import content_digest
+
+    try:
+        digest = content_digest(uri, store)
+    except NotFound as err:
+        raise InvalidSpec(f"spec.model.uri {uri}: {err}") from err
+    if digest is None:
+        raise InvalidSpec(f"spec.model.uri {uri}: the model folder is empty or does not exist")
+    entry = cache / "models" / digest
+    if (entry / COMPLETE).is_file():
+        log.info("model %s: from the model cache (%s)", uri, entry)
+        return entry
+    if tokenizer_only:
+        return download_model(store, uri, work_dir / "model", tokenizer_only=True)
+    partial = cache / "models" / f".partial-{digest[:16]}-{uuid.uuid4().hex[:8]}"
+    download_model(store, uri, partial)
+    (partial / COMPLETE).write_text(json.dumps({"uri": uri, "digest": digest}) + "\n")
+    try:
+        partial.rename(entry)
+    except OSError:  # another pod renamed its complete copy into place first
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (entry / COMPLETE).is_file():
+            raise
+        log.info("model %s: another pod cached it first; using %s", uri, entry)
+        return entry
+    log.info("model %s: stored in the model cache (%s)", uri, entry)
+    return entry
 
 
 def hub_kwargs(source: api.ModelSource) -> dict[str, Any]:
