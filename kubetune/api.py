@@ -355,6 +355,13 @@ class JobControls(ApiModel):
     pod: PodSettings | None = None
     """Pod settings for the platform: labels, annotations, imagePullSecrets, runtimeClassName,
     serviceAccountName (workload identity), UID/GID, extra env and volumes."""
+    queue_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Kueue LocalQueue: the Job is created suspended and Kueue admits it (the MergeJob that
+    spec.merge creates inherits it). The Workload's state shows in the status: why it waits
+    (Kueue's own message), and a preemption (reason Preempted, and an Event)."""
+    workload_priority_class_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    """Kueue WorkloadPriorityClass of the job (the kueue.x-k8s.io/priority-class label): its place in
+    the queue and which jobs it may preempt (the MergeJob that spec.merge creates inherits it)."""
     model_cache: ModelCache | None = None
     """Keep the base model on a volume shared by retries and later jobs instead of downloading it
     in every pod (default: the operator's --model-cache-claim, chart value modelCache.claimName)."""
@@ -690,8 +697,6 @@ class FineTuneJobSpec(JobControls):
     """Experiment tracking."""
     resources: Resources = Field(default_factory=Resources, json_schema_extra=EMPTY_DEFAULT)
     """Pod resources and placement."""
-    queue_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN_PATTERN)
-    """Kueue LocalQueue: the Job is created suspended and Kueue admits it."""
     suspend: bool = False
     """Suspend the run (the pod stops after a checkpoint; unsuspending resumes from it). The only
     field that may change after creation."""

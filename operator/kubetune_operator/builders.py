@@ -449,9 +449,10 @@ def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobS
     if pod.runtime_class_name:
         pod_spec["runtimeClassName"] = pod.runtime_class_name
     job_meta = _metadata(body, name)
-    queue = getattr(spec, "queue_name", None)
-    if queue:
-        job_meta["labels"][contract.LABEL_QUEUE] = queue
+    if spec.queue_name:
+        job_meta["labels"][contract.LABEL_QUEUE] = spec.queue_name
+    if spec.workload_priority_class_name:
+        job_meta["labels"][contract.LABEL_PRIORITY_CLASS] = spec.workload_priority_class_name
     nodes = spec.resources.nodes
     job_spec: dict[str, Any] = {
         "parallelism": nodes,
@@ -484,7 +485,7 @@ def ttl_patch(job: dict[str, Any] | None, spec: api.FineTuneJobSpec | api.MergeJ
 
 def initial_suspend(spec: api.FineTuneJobSpec | api.MergeJobSpec) -> bool:
     """Create the Job suspended when the user asked for it or when Kueue is to admit it."""
-    return bool(getattr(spec, "suspend", False) or getattr(spec, "queue_name", None))
+    return bool(getattr(spec, "suspend", False) or spec.queue_name)
 
 
 def merge_job(body: dict[str, Any], spec: api.FineTuneJobSpec) -> dict[str, Any]:
@@ -498,6 +499,10 @@ def merge_job(body: dict[str, Any], spec: api.FineTuneJobSpec) -> dict[str, Any]
         output=api.S3Output(uri=output),
         storage=spec.storage,
         image=spec.image,
+        queue_name=spec.queue_name,
+        workload_priority_class_name=spec.workload_priority_class_name,
+        pod=spec.pod,
+        model_cache=spec.model_cache,
         resources=api.Resources(
             gpus=0,
             cpu=spec.resources.cpu,

@@ -57,7 +57,8 @@ WORKERS = 8
 SECRET_TTL = 10.0  # seconds a Secret seen to exist is not read again (absence is never cached)
 # Events: one per phase change (not into Pending: JobCreated says it), one per failure/stall, and
 # these Pending/Running reasons a user must see in `kubectl describe`. Not every Pending sub-step.
-NOTABLE_REASONS = {"Unschedulable", "Retrying", "WaitingForCleanup"}
+NOTABLE_REASONS = {"Unschedulable", "Retrying", "WaitingForCleanup", "Preempted"}
+WORKLOAD_READ_SECONDS = 30.0  # a queued job waiting for admission: its Workload is read at most this often
 
 Emit = Callable[[dict[str, Any], str, str, str], None]  # (body, "Normal"|"Warning", reason, message)
 
@@ -99,6 +100,8 @@ class Controller:
     resync_seconds: float = RESYNC_SECONDS
     _children_checked: dict[Key, float] = field(default_factory=dict)
     _kueue_aligned: kueue.Aligned = field(default_factory=kueue.Aligned)  # what Workloads were aligned to, per Job
+    _workloads_read: dict[str, tuple[float, Any]] = field(default_factory=dict)  # Job uid -> (when, state)
+    _workloads_lock: threading.Lock = field(default_factory=threading.Lock)
     _stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -298,7 +301,7 @@ class Controller:
             self._write(body, status.derive(kind, body, None, [], self.clock(), blocked=wait))
             return True
         spec_suspend = bool(getattr(spec, "suspend", False))
-        job = self._align_suspend(job, spec_suspend, bool(getattr(spec, "queue_name", None)), key)
+        job = self._align_suspend(job, spec_suspend, bool(spec.queue_name), key)
         pods = self.cache.pods(key, job["metadata"]["uid"])
         now = self.clock()
         new = status.derive(kind, body, job, pods, now, spec_suspend=spec_suspend)
@@ -308,6 +311,10 @@ class Controller:
             new = status.derive(kind, body, job, pods, now, blocked=gave_up)
         elif wait is not None:
             self.queue.add_after(key, wait + 1.0)
+        if spec.queue_name and status.ready_reason(new) == "WaitingForAdmission":
+            detail = self._workload_state(key, job)  # Kueue's reason: which quota is short, or a preemption
+            if detail is not None:
+                new = status.derive(kind, body, job, pods, now, blocked=status.Verdict("Pending", *detail))
         if status.ready_reason(new) in ("Starting", "Retrying"):  # no pod: can the Job controller make one?
             self._check_children(key, body, spec)
         self._write(body, new, precondition=new["phase"] in status.TERMINAL)
@@ -455,6 +462,29 @@ class Controller:
         if repaired:
             self.emit(body, "Warning", "ChildRecreated",
                       f"re-created the missing {', '.join(repaired)} {builders.support_name(body)}")
+
+    def _workload_state(self, key: Key, job: dict[str, Any]) -> tuple[str, str] | None:
+        """The Workload's state for a queued Job that waits (:func:`kueue.workload_state`), read at
+        most every WORKLOAD_READ_SECONDS per Job (the operator does not watch Workloads: one LIST
+        each time), and looked at again after that while the job waits."""
+        uid, now = job["metadata"]["uid"], time.monotonic()
+        with self._workloads_lock:
+            seen = self._workloads_read.get(uid)
+        if seen is not None and now - seen[0] < WORKLOAD_READ_SECONDS:
+            return seen[1]  # type: ignore[no-any-return]
+        try:
+            workloads = self.kube.list("Workload", job["metadata"]["namespace"], kueue.workload_selector(job))
+            state = kueue.workload_state(kueue.workload_for_job(workloads, job))
+        except ApiError as err:
+            if err.status not in (403, 404):  # no Kueue, or no RBAC for Workloads: nothing more to say
+                raise
+            state = None
+        with self._workloads_lock:
+            self._workloads_read[uid] = (now, state)
+            while len(self._workloads_read) > kueue.MEMO_SIZE:
+                self._workloads_read.pop(next(iter(self._workloads_read)))
+        self.queue.add_after(key, WORKLOAD_READ_SECONDS + 1.0)
+        return state
 
     @staticmethod
     def _owned(job: dict[str, Any], body: dict[str, Any]) -> bool:

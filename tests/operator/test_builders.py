@@ -279,3 +279,15 @@ def test_examples_build(tmp_path):
     job = builders.job(body, _spec(body), SETTINGS, suspend=False)
     assert job["metadata"]["name"] == "llama-qlora-train"
     assert builders.ttl_patch(job, _spec(body)) == {"spec": {"ttlSecondsAfterFinished": 86400}}
+
+
+def test_queue_and_priority_class_reach_the_job_and_the_merge_inherits_them(ftj_body):
+    body = ftj_body(queueName="team", workloadPriorityClassName="high", merge={"enabled": True},
+                    pod={"serviceAccountName": "trainer-identity"}, modelCache={"claimName": "hf-models"})
+    spec = _spec(body)
+    labels = builders.job(body, spec, builders.Settings(), suspend=True)["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "team" and labels["kueue.x-k8s.io/priority-class"] == "high"
+    merge = api.MergeJobSpec.model_validate(builders.merge_job(body, spec)["spec"])
+    assert (merge.queue_name, merge.workload_priority_class_name) == ("team", "high")
+    assert merge.pod.service_account_name == "trainer-identity" and merge.model_cache.claim_name == "hf-models"
+    assert builders.initial_suspend(merge)  # a queued MergeJob's Job is created suspended, for Kueue

@@ -201,8 +201,10 @@ def test_admitted_through_gpu_quota_second_waits(cluster, ns, kueue, operator_pr
     w2 = wait_workload(kueue, ns, "second-train", lambda w: _cond(w, "QuotaReserved") == "False", 60,
                        "second pending")
     assert "insufficient" in json.dumps(w2["status"]["conditions"]).lower(), w2["status"]
-    st = wait_status(cluster, ns, "FineTuneJob", "second", phase_is("Pending", "WaitingForAdmission"), 30)
-    assert "admitted" in st["message"]
+    # the status says why, in Kueue's words (which quota, how much more)
+    st = wait_status(cluster, ns, "FineTuneJob", "second",
+                     lambda s: phase_is("Pending", "WaitingForAdmission")(s) and "insufficient" in s["message"], 60)
+    assert st["message"].startswith("waiting for admission by Kueue:") and "nvidia.com/gpu" in st["message"]
     time.sleep(3)
     assert job(cluster, ns, "second-train")["spec"]["suspend"] is True
     assert pods(cluster, ns, "second-train") == []
@@ -232,9 +234,11 @@ def test_higher_priority_preempts_then_the_low_one_runs_again(cluster, ns, kueue
     st = wait_status(cluster, ns, "FineTuneJob", "low", phase_is("Running", "Suspending"), 30)
     assert low_pod["metadata"]["name"] in st["message"]
     stop_like_the_trainer(cluster, ns, low_pod, step=4)
-    st = wait_status(cluster, ns, "FineTuneJob", "low", phase_is("Pending", "WaitingForAdmission"), 30)
-    assert "Kueue" in st["message"]
+    st = wait_status(cluster, ns, "FineTuneJob", "low", phase_is("Pending", "Preempted"), 60)
+    assert st["message"].startswith("preempted by Kueue") and "resumes from its last checkpoint" in st["message"]
     assert st.get("checkpointUri", "s3://out/run-1/checkpoints/step-4") == "s3://out/run-1/checkpoints/step-4"
+    events = cluster.request("GET", f"/api/v1/namespaces/{ns}/events?fieldSelector=involvedObject.name%3Dlow")
+    assert any(e["reason"] == "Preempted" and e["type"] == "Warning" for e in events["items"]), events["items"]
 
     # the urgent one runs and ends; the low one is admitted again and resumes
     wait_workload(kueue, ns, "urgent", admitted, 60, "urgent admitted")

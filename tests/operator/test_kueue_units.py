@@ -270,3 +270,23 @@ def test_align_other_api_errors_raise():
 
     with pytest.raises(ApiError):
         kueue.align(Broken(), job_dict(suspend=True), True, kueue.Aligned())
+
+
+def test_workload_state_in_kueues_words():
+    def wl(*conds: dict[str, Any]) -> dict[str, Any]:
+        return {"metadata": {"name": "w"}, "status": {"conditions": list(conds)}}
+
+    pending = {"type": "QuotaReserved", "status": "False", "reason": "Pending",
+               "message": "couldn't assign flavors to pod set main: insufficient quota for nvidia.com/gpu"}
+    assert kueue.workload_state(wl(pending)) == (
+        "WaitingForAdmission", "waiting for admission by Kueue: couldn't assign flavors to pod set main: "
+                               "insufficient quota for nvidia.com/gpu")
+    preempted = {"type": "Evicted", "status": "True", "reason": "Preempted",
+                 "message": "Preempted to accommodate a workload (UID: u) due to prioritization in the ClusterQueue"}
+    reason, message = kueue.workload_state(wl(preempted, pending))
+    assert reason == "Preempted" and "prioritization" in message and "resumes" in message
+    admitted_again = {"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": ""}
+    assert kueue.workload_state(wl(preempted, admitted_again)) is None
+    deactivated = {"type": "Evicted", "status": "True", "reason": "Deactivated", "message": "spec.active false"}
+    assert kueue.workload_state(wl(deactivated)) is None  # our own suspend: the status says Suspended
+    assert kueue.workload_state(None) is None
