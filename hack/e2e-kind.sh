@@ -46,7 +46,7 @@ done
 
 helm upgrade --install kubetune charts/kubetune -n kubetune-system --create-namespace --wait --timeout 5m \
   --set image.repository=kubetune/operator --set image.tag="$TAG" --set image.pullPolicy=Never \
-  --set trainerImage="kubetune/trainer:$TAG" --set leaderElection.enabled=false
+  --set trainerImage="kubetune/trainer:$TAG" --set leaderElection.enabled=false --set clusterWide=true
 
 # S3 on the host, on all interfaces: the tests use 127.0.0.1, the pods the kind network's gateway.
 "$PY" -m moto.server -H 0.0.0.0 -p "$S3_PORT" >/tmp/kubetune-e2e-s3.log 2>&1 &

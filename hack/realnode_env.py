@@ -72,6 +72,7 @@ def helm_install(c: cluster.LocalCluster, images: dict[str, str], timeout: str =
         f"--kubeconfig={c.kubeconfig}", "-n", OPERATOR_NAMESPACE, "--create-namespace",
         "--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
         "--set", f"trainerImage={images['TRAINER_IMAGE']}", "--set", "logFormat=plain",
+        "--set", "clusterWide=true",  # the tests' namespaces come and go
         "--set", "nodeSelector.kubetune\\.dev/node=real",  # not on kwok's fake nodes
         "--wait", f"--timeout={timeout}",
     ]

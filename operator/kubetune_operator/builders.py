@@ -46,6 +46,8 @@ class Settings:
     run_as_user: int | None = RUN_AS
     """UID (and GID, fsGroup) of every pod unless its spec.pod sets one; None leaves them to the
     platform (OpenShift assigns one per namespace) (``--run-as-user``, chart value runAsUser)."""
+    check_secrets: bool = True
+    """Read the Secrets a job names before making its pod (``--check-secrets``, chart value checkSecrets)."""
     model_cache_claim: str | None = None
     """Default of spec.modelCache.claimName (``--model-cache-claim``, chart value modelCache.claimName)."""
     pod_defaults: api.PodSettings | None = None

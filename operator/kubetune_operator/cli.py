@@ -57,6 +57,9 @@ EXIT_GRACE = 2.0  # seconds a replica that lost the lease may take to exit clean
 @click.option("--run-as-user", envvar="KUBETUNE_RUN_AS_USER", default="1000", show_default=True, metavar="UID",
               help="UID (and GID, fsGroup) of every pod unless its spec.pod sets one; empty leaves them to the "
               "platform (OpenShift assigns one per namespace).")
+@click.option("--check-secrets/--no-check-secrets", default=True, show_default=True,
+              help="Read the Secrets a job names before making its pod (needs get on secrets), to say which "
+              "one or which key is missing; off: a missing one shows as the pod's CreateContainerConfigError.")
 @click.option("--model-cache-claim", envvar="KUBETUNE_MODEL_CACHE_CLAIM", default="", metavar="PVC",
               help="PersistentVolumeClaim (in each job's namespace) that keeps base models for every job "
               "that sets no spec.modelCache; empty: none.")
@@ -69,8 +72,8 @@ EXIT_GRACE = 2.0  # seconds a replica that lost the lease may take to exit clean
 def operator(namespaces: tuple[str, ...], all_namespaces: bool, trainer_image: str, metrics_port: int,
              liveness: str | None, leader_elect: bool, lease_namespace: str, lease_name: str,
              lease_duration: float, renew_deadline: float, retry_period: float, startup_timeout: int,
-             resync_seconds: float, run_as_user: str, model_cache_claim: str, pod_defaults: str, log_format: str,
-             verbose: bool) -> None:
+             resync_seconds: float, run_as_user: str, check_secrets: bool, model_cache_claim: str, pod_defaults: str,
+             log_format: str, verbose: bool) -> None:
     """Run the operator (reconciles FineTuneJob and MergeJob into batch/v1 Jobs)."""
     if bool(namespaces) == all_namespaces:
         raise click.UsageError("give --namespace (one or more) or --all-namespaces")
@@ -95,7 +98,7 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, trainer_image: s
     kube = Kube.from_environment(user_agent)
     settings = builders.Settings(trainer_image=trainer_image, startup_timeout_seconds=startup_timeout,
                                  run_as_user=_uid(run_as_user), pod_defaults=_pod_defaults(pod_defaults),
-                                 model_cache_claim=model_cache_claim or None)
+                                 model_cache_claim=model_cache_claim or None, check_secrets=check_secrets)
     controller = Controller(kube, settings,
                             resync_seconds=resync_seconds)
     handlers.configure(controller, None if all_namespaces else list(namespaces))

@@ -64,9 +64,13 @@ def mj_body() -> Callable[..., dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------ cluster fixtures
-def chart_rules() -> list[dict[str, Any]]:
-    """The operator's ClusterRole rules exactly as the chart ships them."""
-    return yaml.safe_load((CHART / "files" / "clusterrole-rules.yaml").read_text())
+def chart_rules(check_secrets: bool = True) -> list[dict[str, Any]]:
+    """The operator's ClusterRole rules exactly as the chart ships them (with checkSecrets, its
+    default where the install is scoped to namespaces)."""
+    rules = yaml.safe_load((CHART / "files" / "clusterrole-rules.yaml").read_text())
+    if check_secrets:
+        rules += yaml.safe_load((CHART / "files" / "secrets-rules.yaml").read_text())
+    return rules
 
 
 def lease_rules() -> list[dict[str, Any]]:

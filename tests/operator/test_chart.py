@@ -34,13 +34,14 @@ def test_cluster_role_is_exactly_least_privilege():
         {("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch")} | \
         {("", "pods", v) for v in ("list", "watch")} | \
         {("", r, "create") for r in ("configmaps", "serviceaccounts", "services", "events")} | \
-        {("", "secrets", "get"), ("", "serviceaccounts", "get")} | \
+        {("", "serviceaccounts", "get")} | \
         {("rbac.authorization.k8s.io", r, "create") for r in ("roles", "rolebindings")} | \
         {("kueue.x-k8s.io", "workloads", v) for v in ("list", "patch")}  # spec.suspend -> Workload spec.active
     assert got == want
     assert not any("*" in x for triple in got for x in triple)
     assert not any(v in ("delete", "deletecollection", "escalate", "bind", "impersonate") for _, _, v in got)
-    assert not any(r == "secrets" and v in ("list", "watch") for _, r, v in got)  # never bulk-read Secrets
+    assert not any(r == "secrets" for _, r, _ in got)  # Secrets only with checkSecrets:
+    assert _flat(_rules("secrets-rules.yaml")) == {("", "secrets", "get")}  # one get, never a list or watch
 
 
 def test_leader_election_role():
@@ -125,16 +126,17 @@ def test_helm_lint_and_render_cluster_wide():
     lint = subprocess.run([_helm(), "lint", "--strict", "--kube-version", "1.34.0", str(CHART)],
                           capture_output=True, text=True, timeout=120)
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    docs = {(d["kind"], d["metadata"]["name"]): d for d in _render()}
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _render("clusterWide=true")}
     role = docs[("ClusterRole", "kt-kubetune")]
-    assert role["rules"] == _rules("clusterrole-rules.yaml")
+    assert role["rules"] == _rules("clusterrole-rules.yaml")  # cluster-wide: no Secret readable anywhere
     assert docs[("ClusterRoleBinding", "kt-kubetune")]["subjects"] == [
         {"kind": "ServiceAccount", "name": "kt-kubetune", "namespace": "kubetune-system"}]
     assert docs[("Role", "kt-kubetune-leader-election")]["rules"] == _rules("leader-election-rules.yaml")
     dep = docs[("Deployment", "kt-kubetune")]
     (container,) = dep["spec"]["template"]["spec"]["containers"]
     assert container["image"] == f"ghcr.io/kubetune/operator:{__version__}"
-    assert container["args"] == ["operator", "--all-namespaces", "--metrics-port=8080", "--log-format=json",
+    assert container["args"] == ["operator", "--all-namespaces", "--no-check-secrets", "--metrics-port=8080",
+                                 "--log-format=json",
                                  "--startup-timeout=900", "--resync-seconds=600", "--run-as-user=1000",
                                  "--leader-elect", "--lease-name=kubetune-operator"]
     assert {"name": "KUBETUNE_TRAINER_IMAGE", "value": "ghcr.io/kubetune/trainer:0.1.0"} in container["env"]
@@ -143,6 +145,25 @@ def test_helm_lint_and_render_cluster_wide():
     assert not any(kind == "ServiceMonitor" for kind, _ in docs)
     crds = {d["metadata"]["name"] for d in _render() if d["kind"] == "CustomResourceDefinition"}
     assert crds <= {"finetunejobs.kubetune.dev", "mergejobs.kubetune.dev"}
+    with_secrets = {(d["kind"], d["metadata"]["name"]): d for d in _render("clusterWide=true", "checkSecrets=true")}
+    assert with_secrets[("ClusterRole", "kt-kubetune")]["rules"] == \
+        _rules("clusterrole-rules.yaml") + _rules("secrets-rules.yaml")
+
+
+@pytest.mark.integration
+def test_helm_default_is_scoped_to_the_release_namespace():
+    """Least privilege by default: no ClusterRoleBinding; the ClusterRole bound in the release's own
+    namespace only, the operator watching it, and Secrets checked (scoped, so on)."""
+    docs = _render()
+    assert not any(d["kind"] == "ClusterRoleBinding" for d in docs)
+    bindings = [d for d in docs if d["kind"] == "RoleBinding" and d["roleRef"]["kind"] == "ClusterRole"]
+    assert [(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in bindings] == [("kubetune-system",
+                                                                                       "kt-kubetune")]
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert role["rules"] == _rules("clusterrole-rules.yaml") + _rules("secrets-rules.yaml")
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=kubetune-system" in args and "--all-namespaces" not in args
+    assert "--no-check-secrets" not in args
 
 
 @pytest.mark.integration

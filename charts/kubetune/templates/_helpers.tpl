@@ -23,3 +23,21 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
+
+{{/* The namespaces the operator watches: watchNamespaces, or the release's own namespace. */}}
+{{- define "kubetune.namespaces" -}}
+{{- if .Values.watchNamespaces -}}
+{{- join "," .Values.watchNamespaces -}}
+{{- else -}}
+{{- .Release.Namespace -}}
+{{- end -}}
+{{- end -}}
+
+{{/* checkSecrets: as set, else on where the install is scoped to namespaces and off cluster-wide. */}}
+{{- define "kubetune.checkSecrets" -}}
+{{- if kindIs "invalid" .Values.checkSecrets -}}
+{{- not .Values.clusterWide -}}
+{{- else -}}
+{{- .Values.checkSecrets -}}
+{{- end -}}
+{{- end -}}
