@@ -106,6 +106,7 @@ class Controller:
 
     def __post_init__(self) -> None:
         metrics.QUEUE_DEPTH.set_function(lambda: len(self.queue))
+        metrics.WORKQUEUE_DEPTH.labels(metrics.QUEUE_NAME).set_function(lambda: len(self.queue))
 
     # -- lifecycle
 
@@ -252,13 +253,16 @@ class Controller:
             except Gone:
                 log.info("%s is gone (HTTP 404 on its status): forgotten", _name(key))
                 self._forget(key)
+                metrics.RECONCILES.labels(metrics.QUEUE_NAME, "success").inc()
                 return
             except Exception as err:  # noqa: BLE001 - any failure: log, count, retry with backoff
                 metrics.RECONCILE_ERRORS.labels(kind).inc()
+                metrics.RECONCILES.labels(metrics.QUEUE_NAME, "error").inc()
                 delay = self.queue.retry(key)
                 log.warning("reconcile %s failed (retry in %.0fs): %s", _name(key), delay, err,
                             exc_info=not isinstance(err, (ApiError, Fenced)))
                 return
+        metrics.RECONCILES.labels(metrics.QUEUE_NAME, "requeue" if blocked else "success").inc()
         if blocked:
             self.queue.retry(key)
             return
@@ -517,7 +521,9 @@ class Controller:
         writes that must not land on a status the operator has not seen (the terminal ones)."""
         kind, meta = body["kind"], body["metadata"]
         old = body.get("status") or {}
-        metrics.observe(f"{kind}/{meta['namespace']}/{meta['name']}", kind, new["phase"])
+        ready = next((c for c in new.get("conditions") or [] if c.get("type") == "Ready"), {})
+        metrics.observe(f"{kind}/{meta['namespace']}/{meta['name']}", kind, new["phase"], ready.get("reason"),
+                        _epoch(ready.get("lastTransitionTime")))
         patch = status.changed(old, new)
         if not patch:
             return
@@ -532,6 +538,8 @@ class Controller:
             raise
         self.cache.update({**written, "kind": kind})
         body["status"] = {**old, **patch}
+        if new["phase"] in status.TERMINAL and old.get("phase") not in status.TERMINAL:
+            metrics.completed(kind, new["phase"], ready.get("reason") or new["phase"])
         event = transition_event(old, new)
         if event:
             self.emit(body, *event)
@@ -569,6 +577,15 @@ def transition_event(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, str
         return None
     type_ = "Warning" if failing or reason in NOTABLE_REASONS else "Normal"
     return type_, reason, f"{new['phase']}: {new['message']}"
+
+
+def _epoch(rfc3339: str | None) -> float | None:
+    if not rfc3339:
+        return None
+    try:
+        return dt.datetime.strptime(rfc3339, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+    except ValueError:
+        return None
 
 
 def _ready_reason(st: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from urllib.parse import quote, urlencode
 import urllib3
 
 from kubetune import api
+from kubetune_operator import metrics
 
 # kind -> (group/version path prefix, plural)
 RESOURCES: dict[str, tuple[str, str]] = {
@@ -125,7 +126,12 @@ class Kube:
         url = self._cfg.host.rstrip("/") + path + (f"?{urlencode(query)}" if query else "")
         data = json.dumps(body).encode() if body is not None else None
         headers = self._headers(content_type or ("application/json" if data else None))
-        resp = self._send(method, path, url, data, headers, timeout)
+        try:
+            resp = self._send(method, path, url, data, headers, timeout)
+        except Exception:
+            metrics.REST_REQUESTS.labels("<error>", method.upper(), self._cfg.host).inc()
+            raise
+        metrics.REST_REQUESTS.labels(str(resp.status), method.upper(), self._cfg.host).inc()
         text = resp.data.decode(errors="replace")
         if resp.status >= 300:
             raise ApiError(resp.status, method, path, text)

@@ -33,8 +33,36 @@ RECONCILE_SECONDS = Histogram("kubetune_reconcile_duration_seconds", "Time spent
 RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised an error", ["kind"])
 LEADER = Gauge("kubetune_leader", "1 when this replica holds the leader Lease")
 QUEUE_DEPTH = Gauge("kubetune_workqueue_depth", "Resources waiting for a reconcile worker")
+BY_REASON = Gauge("kubetune_jobs_by_reason", "Unfinished FineTuneJobs and MergeJobs by the reason of their Ready "
+                  "condition (Running, WaitingForAdmission, Preempted, SecretNotFound, ImagePullBackOff, ...)",
+                  ["kind", "reason"])
+COMPLETIONS = Counter("kubetune_job_completions_total", "Runs that ended, by kind, phase (Succeeded, Failed) and "
+                      "reason", ["kind", "phase", "reason"])
+
+# The names controller-runtime and client-go export, so dashboards and alerts made for any
+# controller work here too (``name``/``controller`` is "kubetune").
+QUEUE_NAME = "kubetune"
+_SECONDS = (0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+WORKQUEUE_DEPTH = Gauge("workqueue_depth", "Current depth of the work queue", ["name"])
+WORKQUEUE_ADDS = Counter("workqueue_adds_total", "Adds handled by the work queue", ["name"])
+WORKQUEUE_RETRIES = Counter("workqueue_retries_total", "Retries (backed-off re-adds) handled by the work queue",
+                            ["name"])
+WORKQUEUE_QUEUE_SECONDS = Histogram("workqueue_queue_duration_seconds", "How long an item stays in the work queue "
+                                    "before a worker takes it", ["name"], buckets=_SECONDS)
+WORKQUEUE_WORK_SECONDS = Histogram("workqueue_work_duration_seconds", "How long a worker takes on an item",
+                                   ["name"], buckets=_SECONDS)
+RECONCILES = Counter("controller_runtime_reconcile_total", "Reconciles by result (success, error, requeue)",
+                     ["controller", "result"])
+REST_REQUESTS = Counter("rest_client_requests_total", "Requests to the API server by status code, method and host",
+                        ["code", "method", "host"])
+
+for _metric in (WORKQUEUE_DEPTH, WORKQUEUE_ADDS, WORKQUEUE_RETRIES, WORKQUEUE_QUEUE_SECONDS, WORKQUEUE_WORK_SECONDS):
+    _metric.labels(QUEUE_NAME)  # exported from the start, at 0, as controller-runtime does
+for _result in ("success", "error", "requeue"):
+    RECONCILES.labels(QUEUE_NAME, _result)
 
 _phases: dict[str, tuple[str, str]] = {}
+_reasons: dict[str, tuple[str, str, float]] = {}  # key -> (kind, reason, since: epoch seconds), unfinished only
 _lock = threading.Lock()
 for _k in KINDS:
     for _p in PHASES:
@@ -46,12 +74,27 @@ def _refresh() -> None:
     for kind in KINDS:
         for phase in PHASES:
             JOBS.labels(kind, phase).set(counts.get((kind, phase), 0))
+    reasons = _Counter((kind, reason) for kind, reason, _ in _reasons.values())
+    for labels in {*reasons, *((k, r) for k, r in _seen_reasons)}:
+        BY_REASON.labels(*labels).set(reasons.get(labels, 0))
+    _seen_reasons.update(reasons)
 
 
-def observe(key: str, kind: str, phase: str) -> None:
-    """Record the phase of one resource (``kind/namespace/name``)."""
+_seen_reasons: set[tuple[str, str]] = set()  # series once exported stay, at 0
+
+
+def observe(key: str, kind: str, phase: str, reason: str | None = None, since: float | None = None) -> None:
+    """Record the phase of one resource (``kind/namespace/name``), and while it is unfinished the
+    reason of its Ready condition and since when (epoch seconds) it holds."""
     with _lock:
-        if _phases.get(key) != (kind, phase):
+        if phase in ("Succeeded", "Failed") or reason is None:
+            changed = _reasons.pop(key, None) is not None
+        else:
+            entry = (kind, reason, since if since is not None else time.time())
+            changed = _reasons.get(key, (None, None))[:2] != entry[:2]
+            if changed:
+                _reasons[key] = entry
+        if _phases.get(key) != (kind, phase) or changed:
             _phases[key] = (kind, phase)
             _refresh()
 
@@ -59,8 +102,41 @@ def observe(key: str, kind: str, phase: str) -> None:
 def forget(key: str) -> None:
     """The resource is gone."""
     with _lock:
-        if _phases.pop(key, None) is not None:
+        gone = _phases.pop(key, None) is not None
+        gone = _reasons.pop(key, None) is not None or gone
+        if gone:
             _refresh()
+
+
+def completed(kind: str, phase: str, reason: str) -> None:
+    """A run ended (counted once, when its terminal status is written)."""
+    COMPLETIONS.labels(kind, phase, reason).inc()
+
+
+class _OldestCollector:
+    """``kubetune_oldest_in_reason_seconds``: per kind and reason, how long the resource that has
+    held it longest has held it (computed at scrape time): what a "stuck job" or "queue wait"
+    alert compares with a limit."""
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily("kubetune_oldest_in_reason_seconds", "Longest time an unfinished job has held "
+                                   "the reason of its Ready condition, by kind and reason", labels=["kind", "reason"])
+        now = time.time()
+        with _lock:
+            oldest: dict[tuple[str, str], float] = {}
+            for kind, reason, since in _reasons.values():
+                oldest[(kind, reason)] = min(oldest.get((kind, reason), since), since)
+        for (kind, reason), since in sorted(oldest.items()):
+            family.add_metric([kind, reason], max(0.0, now - since))
+        yield family
+
+
+REGISTRY.register(_OldestCollector())
 
 
 class Health:

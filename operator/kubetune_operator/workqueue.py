@@ -19,6 +19,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 
+from kubetune_operator import metrics
+
 
 class WorkQueue:
     def __init__(self, backoff_first: float = 5.0, backoff_max: float = 300.0,
@@ -33,6 +35,8 @@ class WorkQueue:
         self._failures: dict[Hashable, int] = {}
         self._seq = 0
         self._shutdown = False
+        self._added_at: dict[Hashable, float] = {}   # when a queued key was added (queue duration)
+        self._started_at: dict[Hashable, float] = {}  # when a worker took it (work duration)
 
     def __len__(self) -> int:
         with self._cond:
@@ -46,6 +50,8 @@ class WorkQueue:
         if self._shutdown or key in self._dirty:
             return
         self._dirty.add(key)
+        metrics.WORKQUEUE_ADDS.labels(metrics.QUEUE_NAME).inc()
+        self._added_at.setdefault(key, self._clock())
         if key not in self._processing:
             self._queue.append(key)
             self._cond.notify()
@@ -64,6 +70,7 @@ class WorkQueue:
 
     def retry(self, key: Hashable) -> float:
         """Queue ``key`` again after its next backoff delay (5 s, 10 s, ... up to the maximum); returns it."""
+        metrics.WORKQUEUE_RETRIES.labels(metrics.QUEUE_NAME).inc()
         with self._cond:
             failures = self._failures.get(key, 0)
             self._failures[key] = failures + 1
@@ -92,6 +99,10 @@ class WorkQueue:
                     key = self._queue.popleft()
                     self._dirty.discard(key)
                     self._processing.add(key)
+                    now = self._clock()
+                    metrics.WORKQUEUE_QUEUE_SECONDS.labels(metrics.QUEUE_NAME).observe(
+                        max(0.0, now - self._added_at.pop(key, now)))
+                    self._started_at[key] = now
                     return key
                 if self._shutdown:
                     return None
@@ -114,6 +125,9 @@ class WorkQueue:
     def done(self, key: Hashable) -> None:
         with self._cond:
             self._processing.discard(key)
+            started = self._started_at.pop(key, None)
+            if started is not None:
+                metrics.WORKQUEUE_WORK_SECONDS.labels(metrics.QUEUE_NAME).observe(max(0.0, self._clock() - started))
             if key in self._dirty:
                 self._queue.append(key)
                 self._cond.notify()

@@ -151,6 +151,24 @@ def test_helm_lint_and_render_cluster_wide():
 
 
 @pytest.mark.integration
+def test_helm_render_dashboard_and_alerts():
+    import json
+
+    docs = _render("metrics.prometheusRule.enabled=true", "metrics.grafanaDashboard.enabled=true")
+    rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+    assert rule["spec"] == _rules_file("alerts.yaml")
+    dashboard = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard"))
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads((CHART / "files" / "dashboard.json").read_text())
+    assert json.loads(dashboard["data"]["kubetune.json"]) == shipped
+    assert not any(d["kind"] == "PrometheusRule" for d in _render())  # opt-in
+
+
+def _rules_file(name: str) -> Any:
+    return yaml.safe_load((CHART / "files" / name).read_text())
+
+
+@pytest.mark.integration
 def test_helm_default_is_scoped_to_the_release_namespace():
     """Least privilege by default: no ClusterRoleBinding; the ClusterRole bound in the release's own
     namespace only, the operator watching it, and Secrets checked (scoped, so on)."""
