@@ -8,7 +8,9 @@ restarted operator finds (adopts) what it created before: the Job is ``<name>-tr
 ServiceAccount, Role and RoleBinding carry the first 8 characters of the resource's uid as well
 (``<name>-train-1a2b3c4d``), so a resource re-created under the same name never adopts the
 children of its deleted namesake that the garbage collector has yet to remove: a 409 on those
-names can only mean "mine, made by an earlier reconcile".
+names can only mean "mine, made by an earlier reconcile". A multi-node FineTuneJob's Indexed Job
+and headless Service name DNS labels (pod hostnames, the Service): their names stay those where
+they are labels, and are made labels (dots to dashes, a hash of the name) where not.
 
 Secrets are only ever referenced (``secretKeyRef``), never copied into the ConfigMap or the Job.
 """
@@ -74,6 +76,17 @@ def child_name(name: str, suffix: str) -> str:
     return f"{head}-{_short_hash(name)}-{suffix}"
 
 
+def label_name(name: str, suffix: str, limit: int = MAX_NAME) -> str:
+    """``<name>-<suffix>`` as a DNS label of at most ``limit`` characters: :func:`child_name`'s
+    answer when it is one, else with the dots of ``name`` made dashes and a stable hash of ``name``
+    (so two resource names never meet). What hostnames and Service names need."""
+    full = f"{name}-{suffix}"
+    if len(full) <= limit and "." not in full:
+        return full
+    head = name[:limit - len(suffix) - 10].replace(".", "-").rstrip("-")  # "-" + 8 hash chars + "-"
+    return f"{head}-{_short_hash(name)}-{suffix}"
+
+
 def label_value(value: str) -> str:
     """A label value (<= 63 chars, alphanumeric at both ends); long values get a hash suffix."""
     if len(value) <= MAX_NAME:
@@ -81,8 +94,12 @@ def label_value(value: str) -> str:
     return f"{value[:MAX_NAME - 9].rstrip('-._')}-{_short_hash(value)}"
 
 
-def job_name(kind: str, name: str) -> str:
-    """Name of the batch/v1 Job (and its ConfigMap, ServiceAccount, Role, RoleBinding)."""
+def job_name(kind: str, name: str, nodes: int = 1) -> str:
+    """Name of the batch/v1 Job: ``<name>-train`` / ``<name>-merge``. The Indexed Job of a multi-node
+    FineTuneJob names its pods' hostnames ``<job>-<index>``, which must be DNS labels: its name is
+    one, with room for the last index (:func:`label_name`; ``<name>-train`` for most names)."""
+    if nodes > 1:
+        return label_name(name, SUFFIX[kind], MAX_NAME - 1 - len(str(nodes - 1)))
     return child_name(name, SUFFIX[kind])
 
 
@@ -223,13 +240,13 @@ def merge_pod_settings(defaults: api.PodSettings | None, own: api.PodSettings | 
 
 
 def rendezvous_service_name(body: dict[str, Any]) -> str:
-    """Name of the headless Service of a multi-node FineTuneJob: :func:`support_name` (uid-derived,
-    so a namesake's leftover never matches), which must also be a DNS-1035 label (a letter first)."""
-    name = support_name(body)
-    if name[0].isalpha():
-        return name
+    """Name of the headless Service of a multi-node FineTuneJob (and its pods' ``subdomain``):
+    :func:`support_name` (uid-derived, so a namesake's leftover never matches) where that is a
+    DNS-1035 label, else one made from it (:func:`label_name`; ``r`` first when the name does not
+    start with a letter)."""
     meta = body["metadata"]
-    return child_name(f"r{meta['name']}", f"{SUFFIX[body['kind']]}-{str(meta['uid']).replace('-', '')[:8]}")
+    name = meta["name"] if meta["name"][0].isalpha() else f"r{meta['name']}"
+    return label_name(name, f"{SUFFIX[body['kind']]}-{str(meta['uid']).replace('-', '')[:8]}")
 
 
 def rendezvous_service(body: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +279,7 @@ def rank_env(body: dict[str, Any], spec: api.FineTuneJobSpec) -> list[dict[str, 
     env = [{"name": contract.ENV_NPROC_PER_NODE, "value": str(max(res.gpus, 1))},
            {"name": contract.ENV_NNODES, "value": str(res.nodes)}]
     if res.nodes > 1:
-        name = job_name(body["kind"], body["metadata"]["name"])
+        name = job_name(body["kind"], body["metadata"]["name"], res.nodes)
         endpoint = f"{name}-0.{rendezvous_service_name(body)}:{contract.RDZV_PORT}"
         env += [{"name": contract.ENV_NODE_RANK, "valueFrom": {"fieldRef": {
                     "fieldPath": f"metadata.annotations['{contract.COMPLETION_INDEX_ANNOTATION}']"}}},
@@ -377,9 +394,9 @@ def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobS
     ``spec.backoffLimit x N``: when pod 0, which hosts the rendezvous, is lost, every other pod fails
     with it, so one incident can fail each pod once."""
     kind, meta = body["kind"], body["metadata"]
-    name = job_name(kind, meta["name"])
-    container = COMPONENT[kind]
     spec = resolved_spec
+    name = job_name(kind, meta["name"], spec.resources.nodes)
+    container = COMPONENT[kind]
     env = [
         {"name": contract.ENV_SPEC_FILE, "value": contract.SPEC_FILE},
         {"name": contract.ENV_KIND, "value": kind},

@@ -431,18 +431,19 @@ class Controller:
     def _create_support(self, body: dict[str, Any], spec: Any | None) -> list[str]:
         """Create the four support objects at once (they are independent), and the headless Service
         of a multi-node FineTuneJob; a 409 means it exists, and their uid-derived names make it ours.
-        -> the kinds that had to be created."""
+        -> those that had to be created ("<kind> <name>")."""
         children = [builders.service_account(body), builders.role(body)]
         if spec is not None:
             children.insert(0, builders.config_map(body, spec))
         if builders.needs_service(spec):
             children.append(builders.rendezvous_service(body))
         futures = [self._children_pool.submit(self.kube.create, child, read_existing=False) for child in children]
-        created = [child["kind"] for child, future in zip(children, futures, strict=True) if future.result()[1]]
+        created = [child for child, future in zip(children, futures, strict=True) if future.result()[1]]
         # the RoleBinding after its Role: the API server resolves the Role to check for escalation (404 if absent)
-        if self.kube.create(builders.role_binding(body, self.settings), read_existing=False)[1]:
-            created.append("RoleBinding")
-        return created
+        binding = builders.role_binding(body, self.settings)
+        if self.kube.create(binding, read_existing=False)[1]:
+            created.append(binding)
+        return [f"{child['kind']} {child['metadata']['name']}" for child in created]
 
     def _check_children(self, key: Key, body: dict[str, Any], spec: Any) -> None:
         """The Job exists but has no pod: re-create a missing support object (deleted by hand, or by the
@@ -464,8 +465,7 @@ class Controller:
             log.warning("%s: cannot check its support objects: %s", _name(key), err)
             return
         if repaired:
-            self.emit(body, "Warning", "ChildRecreated",
-                      f"re-created the missing {', '.join(repaired)} {builders.support_name(body)}")
+            self.emit(body, "Warning", "ChildRecreated", f"re-created the missing {', '.join(repaired)}")
 
     def _workload_state(self, key: Key, job: dict[str, Any]) -> tuple[str, str] | None:
         """The Workload's state for a queued Job that waits (:func:`kueue.workload_state`), read at

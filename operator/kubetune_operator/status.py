@@ -143,6 +143,13 @@ def by_age(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(pods, key=lambda p: (_created(p), p["metadata"].get("name", "")))
 
 
+def completion_index(pod: dict[str, Any]) -> str | None:
+    """The pod's index in an Indexed Job (a multi-node FineTuneJob's), None in a one-pod Job."""
+    meta = pod.get("metadata") or {}
+    return ((meta.get("annotations") or {}).get(contract.COMPLETION_INDEX_ANNOTATION)
+            or (meta.get("labels") or {}).get(contract.COMPLETION_INDEX_ANNOTATION))
+
+
 def attempt_failure(term: Termination) -> tuple[str, str]:
     """(reason, message) for one failed attempt."""
     if term.kubelet_reason == "OOMKilled":
@@ -162,11 +169,21 @@ def attempt_failure(term: Termination) -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def deciding_failure(failed_pods: list[dict[str, Any]]) -> Termination | None:
+    """How the failed Job's deciding pod ended (``failed_pods`` oldest first): the newest one with a
+    permanent exit code (what the pod failure policy fails the Job on: a multi-node job's other pods
+    are stopped then and fail after it), else the newest."""
+    permanent = [p for p in failed_pods
+                 if getattr(termination(p), "exit_code", None) in contract.PERMANENT_EXIT_CODES]
+    return termination((permanent or failed_pods)[-1]) if failed_pods else None
+
+
 def _failed(job: dict[str, Any], cond: dict[str, Any], failed_pods: list[dict[str, Any]]) -> Verdict:
     job_reason = cond.get("reason") or "Failed"
     job_message = cond.get("message") or "the Job failed"
-    last = termination(failed_pods[-1]) if failed_pods else None
+    last = deciding_failure(failed_pods)
     pod_reason, pod_message = attempt_failure(last) if last else (None, "")
+    pods_or_attempts = "failed pods" if int((job.get("spec") or {}).get("parallelism") or 1) > 1 else "failed attempts"
     if job_reason == "DeadlineExceeded":
         return Verdict("Failed", "DeadlineExceeded",
                        f"{job_message} (spec.activeDeadlineSeconds={job['spec'].get('activeDeadlineSeconds')})",
@@ -175,7 +192,7 @@ def _failed(job: dict[str, Any], cond: dict[str, Any], failed_pods: list[dict[st
         return Verdict("Failed", pod_reason, pod_message, stalled=True)
     if job_reason == "BackoffLimitExceeded" and pod_reason in ("OOMKilled", "StorageError"):
         return Verdict("Failed", pod_reason, f"{pod_message} (backoff limit exceeded after "
-                                             f"{len(failed_pods)} failed attempts)", stalled=True)
+                                             f"{len(failed_pods)} {pods_or_attempts})", stalled=True)
     detail = f"; last attempt: {pod_message}" if pod_message else ""
     return Verdict("Failed", safe_reason(job_reason, "Failed"), truncate(job_message + detail), stalled=True)
 
@@ -248,8 +265,11 @@ def attempts(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> int:
 
 
 def result_termination(ended: list[dict[str, Any]]) -> Termination | None:
-    """The termination of the newest pod whose message carries a result (with several pods only the
-    one with global rank 0 has it), else of the newest pod."""
+    """The termination of the newest pod whose message carries a result, else of the newest pod;
+    pod 0's first (``ended`` oldest first): of a multi-node job's pods, the one with completion
+    index 0 runs global rank 0, the rank that reports the result."""
+    first = [p for p in ended if completion_index(p) in (None, "0")]
+    ended = [p for p in ended if completion_index(p) not in (None, "0")] + first
     terms = [t for t in (termination(p) for p in ended) if t is not None]
     with_result = [t for t in terms if t.result]
     return (with_result or terms or [None])[-1]

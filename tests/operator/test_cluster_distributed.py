@@ -13,6 +13,7 @@ from clusterkit import (
     create,
     create_s3_secret,
     ftj_spec,
+    get,
     job,
     kubelet_exit,
     kubelet_run,
@@ -23,6 +24,10 @@ from clusterkit import (
     wait_for,
     wait_status,
 )
+from conftest import FTJ_SPEC, make_body
+from kubetune_operator import builders
+
+from kubetune import api
 
 pytestmark = pytest.mark.integration
 INDEX = "batch.kubernetes.io/job-completion-index"
@@ -69,3 +74,40 @@ def test_two_nodes_service_indexed_job_and_rank_zero_result(cluster: Any, ns: st
                                                          adapterUri="s3://out/run-1/adapter"))
     st = wait_status(cluster, ns, "FineTuneJob", "multi", phase_is("Succeeded"), 60)
     assert st["adapterUri"] == "s3://out/run-1/adapter" and st["attempts"] == 1
+
+
+def test_the_api_server_accepts_the_indexed_job_and_service_for_any_name(cluster: Any, ns: str) -> None:
+    """Names a custom resource may have but a Service or pod hostname may not (dots, a digit first,
+    long), with the most pods: the API server (dry run) accepts the Job and Service as built, and
+    defaults nothing away (podReplacementPolicy Failed stays, as the pod failure policy requires)."""
+    settings = builders.Settings(trainer_image="img:1")
+    for name in ("llama.v2", "7b.run", "a" * 56, "b" * 60, "x.y" * 80):
+        for nodes in (2, 64):
+            body = make_body("FineTuneJob", {**FTJ_SPEC, "resources": {"gpus": 1, "nodes": nodes}}, name=name,
+                             namespace=ns)
+            body["metadata"]["uid"] = "0d4f5e6a-1111-2222-3333-444455556666"
+            manifest = builders.job(body, api.FineTuneJobSpec.model_validate(body["spec"]), settings, suspend=True)
+            service = builders.rendezvous_service(body)
+            for obj in (manifest, service):
+                obj["metadata"].pop("ownerReferences")  # the owner does not exist: a dry run checks the rest
+            got = cluster.request("POST", f"/apis/batch/v1/namespaces/{ns}/jobs?dryRun=All", manifest)
+            assert (got["spec"]["completionMode"], got["spec"]["podReplacementPolicy"]) == ("Indexed", "Failed")
+            cluster.request("POST", f"/api/v1/namespaces/{ns}/services?dryRun=All", service)
+
+
+def test_a_dotted_name_runs_on_two_nodes(cluster: Any, ns: str, operator_proc: Any) -> None:
+    """``llama.v2``: a fine FineTuneJob name, not a Service name nor a hostname. The operator names
+    the Job and Service so that both pods get their hostnames under the Service."""
+    create_s3_secret(cluster, ns)
+    create(cluster, ns, "FineTuneJob", "llama.v2", ftj_spec(resources={"gpus": 1, "nodes": 2, "nodeSelector":
+                                                                       {"kubetune.dev/runner": "true"}}))
+    body = get(cluster, ns, "FineTuneJob", "llama.v2")
+    name, service = builders.job_name("FineTuneJob", "llama.v2", 2), builders.rendezvous_service_name(body)
+    assert "." not in name + service
+    wait_for(lambda: job(cluster, ns, name), 60, f"Job {name}")
+    assert cluster.request("GET", f"/api/v1/namespaces/{ns}/services/{service}")["spec"]["clusterIP"] == "None"
+    both = wait_for(lambda: len(ps := pods(cluster, ns, name)) == 2 and ps, 60, "two pods")
+    assert sorted((p["spec"]["hostname"], p["spec"]["subdomain"]) for p in both) == \
+        [(f"{name}-0", service), (f"{name}-1", service)]
+    st = wait_status(cluster, ns, "FineTuneJob", "llama.v2", lambda s: s.get("jobName") == name, 30)
+    assert st["phase"] in ("Pending", "Running")

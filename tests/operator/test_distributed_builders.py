@@ -5,6 +5,7 @@ tests/e2e/test_distributed_e2e.py)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from kobjects import jcond, job_dict, pod_dict, term_msg
@@ -80,15 +81,45 @@ def test_two_nodes_indexed_job_under_a_headless_service(ftj_body: Any) -> None:
     assert builders.needs_service(spec)
 
 
-def test_service_name_is_a_dns_1035_label_for_any_resource_name(ftj_body: Any) -> None:
-    import re
+NAMES = ("demo", "7b-run", "llama.v2", "a.b.c-0", "0" * 60, "a" * 55, "a" * 56, "a" * 57, "x.y" * 80, "a" * 250)
+DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
-    for name in ("demo", "7b-run", "0" * 60, "a" * 250):
+
+def test_service_name_is_a_dns_1035_label_for_any_resource_name(ftj_body: Any) -> None:
+    for name in NAMES:  # custom resources may have dots in their names; Services and subdomains may not
         body = with_resources(ftj_body, nodes=2)
         body["metadata"]["name"] = name
         svc = builders.rendezvous_service_name(body)
-        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", svc) and len(svc) <= 63, (name, svc)
+        assert DNS_1035.fullmatch(svc) and len(svc) <= 63, (name, svc)
         assert body["metadata"]["uid"].replace("-", "")[:8] in svc  # uid-derived: never a namesake's
+    body = with_resources(ftj_body, nodes=2)
+    assert builders.rendezvous_service_name(body) == builders.support_name(body)  # where that is a label
+
+
+def test_indexed_job_name_leaves_room_for_the_pod_hostnames(ftj_body: Any) -> None:
+    """The API server wants ``<job>-<last index>`` to be a DNS label (the pods' hostnames)."""
+    for name in NAMES:
+        for nodes in (2, 10, 11, 64):
+            body = with_resources(ftj_body, nodes=nodes)
+            body["metadata"]["name"] = name
+            job = build(body)
+            job_name = job["metadata"]["name"]
+            assert job_name == builders.job_name("FineTuneJob", name, nodes)
+            last_host = f"{job_name}-{nodes - 1}"
+            assert DNS_1123_LABEL.fullmatch(last_host) and len(last_host) <= 63, (name, nodes, last_host)
+            service = builders.rendezvous_service_name(body)
+            assert job["spec"]["template"]["spec"]["subdomain"] == service
+            assert env_of(job)[contract.ENV_RDZV_ENDPOINT] == f"{job_name}-0.{service}:29400"
+    assert builders.job_name("FineTuneJob", "demo", 2) == "demo-train"  # most names: what users look for
+    assert builders.job_name("FineTuneJob", "a" * 50, 64) == "a" * 50 + "-train"
+    # two names that differ in a dot only never share a Job
+    assert builders.job_name("FineTuneJob", "llama.v2", 2) != builders.job_name("FineTuneJob", "llama-v2", 2)
+    # one pod: the names are as before (an upgraded operator adopts its Jobs)
+    for name in NAMES:
+        body = ftj_body(name=name)
+        assert build(body)["metadata"]["name"] == builders.job_name("FineTuneJob", name) == \
+            builders.child_name(name, "train")
 
 
 def test_the_auto_merge_stays_one_pod(ftj_body: Any) -> None:
@@ -120,3 +151,54 @@ def test_status_takes_the_result_of_the_pod_with_rank_zero_and_counts_group_atte
     # a lost pod: 4 pods over time are 2 attempts of the group
     assert status.attempts(indexed_job(succeeded=2, failed=2), []) == 2
     assert status.attempts(job_dict(succeeded=1, failed=2), []) == 3  # one pod: unchanged
+
+
+def indexed(pod: dict[str, Any], index: int) -> dict[str, Any]:
+    pod["metadata"]["annotations"] = {contract.COMPLETION_INDEX_ANNOTATION: str(index)}
+    return pod
+
+
+def test_status_result_and_message_come_from_pod_zero(ftj_body: Any) -> None:
+    # both pods carry a result (say, an older trainer image): index 0's wins even when older
+    rank0 = indexed(ended("demo-train-0-abc", "Succeeded", "2026-01-01T00:00:00Z", 0,
+                          term_msg("Completed", "rank 0 finished", adapterUri="s3://out/run/adapter")), 0)
+    rank1 = indexed(ended("demo-train-1-def", "Succeeded", "2026-01-01T00:00:05Z", 0,
+                          term_msg("Completed", "rank 1 finished", adapterUri="s3://elsewhere")), 1)
+    job = indexed_job(conditions=[jcond("Complete")], succeeded=2)
+    st = status.derive("FineTuneJob", ftj_body(), job, [rank1, rank0], "2026-01-01T02:00:00Z")
+    assert st["adapterUri"] == "s3://out/run/adapter" and st["message"] == "rank 0 finished"
+    # no result anywhere: pod 0's message all the same
+    rank1 = indexed(ended("demo-train-1-def", "Succeeded", "2026-01-01T00:00:05Z", 0,
+                          term_msg("Completed", "rank 1 finished")), 1)
+    rank0 = indexed(ended("demo-train-0-abc", "Succeeded", "2026-01-01T00:00:00Z", 0,
+                          term_msg("Completed", "rank 0 finished")), 0)
+    st = status.derive("FineTuneJob", ftj_body(), job, [rank0, rank1], "2026-01-01T02:00:00Z")
+    assert st["message"] == "rank 0 finished" and "adapterUri" not in st
+
+
+def test_a_permanent_failure_on_any_pod_names_the_reason(ftj_body: Any) -> None:
+    """Pod 1 exits 3 (InvalidDataset): the pod failure policy fails the Job and the Job controller
+    stops pod 0, which saves a checkpoint and exits 7 later. The reason is pod 1's, whichever pod
+    sorts last."""
+    for first, second in (("demo-train-0-abc", "demo-train-1-def"), ("demo-train-1-def", "demo-train-0-abc")):
+        bad = indexed(ended(first, "Failed", "2026-01-01T00:00:00Z", contract.EXIT_INVALID_DATASET,
+                            term_msg("InvalidDataset", "rank 1: row 7 has no text")), int(first[11]))
+        stopped = indexed(ended(second, "Failed", "2026-01-01T00:00:00Z", contract.EXIT_PREEMPTED,
+                                term_msg("Preempted", "rank 0: stopped at step 3")), int(second[11]))
+        job = indexed_job(conditions=[jcond("Failed", "PodFailurePolicy", "Container trainer ... FailJob rule")],
+                          failed=2)
+        st = status.derive("FineTuneJob", ftj_body(), job, [bad, stopped], "2026-01-01T02:00:00Z")
+        failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+        assert (st["phase"], failed["reason"], st["message"]) == ("Failed", "InvalidDataset",
+                                                                  "rank 1: row 7 has no text")
+
+
+def test_backoff_limit_counts_failed_pods_of_a_group(ftj_body: Any) -> None:
+    oom = {"exitCode": 137, "reason": "OOMKilled"}
+    pods = [indexed(pod_dict(f"demo-train-{i}-x{n}", "Failed", f"2026-01-01T00:0{n}:00Z", terminated=oom), i)
+            for n in range(2) for i in range(2)]
+    job = indexed_job(conditions=[jcond("Failed", "BackoffLimitExceeded", "Job has reached the backoff limit")],
+                      failed=4)
+    st = status.derive("FineTuneJob", ftj_body(), job, pods, "2026-01-01T02:00:00Z")
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "OOMKilled" and "after 4 failed pods" in st["message"] and st["attempts"] == 2
