@@ -118,6 +118,7 @@ KCM_CONTROLLERS = (
     "endpointslice-controller",
     "resourcequota-controller",
     "disruption-controller",
+    "persistentvolume-binder-controller",  # PVCs (spec.modelCache) bind to PersistentVolumes
 )
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 RUNNER_NODE = "runner-node"

@@ -84,7 +84,14 @@ def test_a_retried_pod_reads_the_model_from_the_cache(real_system: System, tmp_p
             raise AssertionError(f"the run ended before its pod could be deleted: {st}")
         return st if st.get("checkpointUri") else None
 
-    wait_for(checkpointed, 420, "a first checkpoint", interval=0.5)
+    try:
+        wait_for(checkpointed, 420, "a first checkpoint", interval=0.5)
+    except AssertionError as err:
+        pvc = system.cluster.get(f"/api/v1/namespaces/{ns}/persistentvolumeclaims/hf-models")
+        raise AssertionError(f"{err}\nPVC: {(pvc or {}).get('status')}\nstatus: "
+                             f"{(system.resource(FTJ, name) or {}).get('status')}\n{system.diagnostics()}") from None
+    bound = system.cluster.get(f"/api/v1/namespaces/{ns}/persistentvolumeclaims/hf-models")
+    assert bound["status"]["phase"] == "Bound", bound["status"]
     first = pod_of(system, name)["metadata"]["name"]
     first_log = system.cluster.kubectl("logs", "-n", ns, first).stdout
     assert "stored in the model cache" in first_log, first_log[-3000:]
