@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 
 def wait_for(fn: Callable[[], Any], timeout: float = 30.0, what: str = "condition", interval: float = 0.25) -> Any:
     """Poll ``fn`` until it returns something truthy; fail with the last value after ``timeout``."""
@@ -219,3 +221,16 @@ def force_delete(c: Any, pod: dict[str, Any]) -> None:
 
 def term_message(reason: str, message: str, **result: Any) -> str:
     return json.dumps({"reason": reason, "message": message, "result": result})
+
+
+def chart_rules(check_secrets: bool = True) -> list[dict[str, Any]]:
+    """The operator's ClusterRole rules exactly as the chart ships them (with checkSecrets, its
+    default where the install is scoped to namespaces)."""
+    rules = yaml.safe_load((REPO / "charts" / "kubetune" / "files" / "clusterrole-rules.yaml").read_text())
+    if check_secrets:
+        rules += yaml.safe_load((REPO / "charts" / "kubetune" / "files" / "secrets-rules.yaml").read_text())
+    return rules
+
+
+def lease_rules() -> list[dict[str, Any]]:
+    return yaml.safe_load((REPO / "charts" / "kubetune" / "files" / "leader-election-rules.yaml").read_text())

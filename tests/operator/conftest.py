@@ -8,7 +8,6 @@ token bound to the chart's ClusterRole (not admin).
 
 from __future__ import annotations
 
-import copy
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,34 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from clusterkit import OperatorProcess, wait_for
+from clusterkit import OperatorProcess, chart_rules, lease_rules, wait_for
+from kobjects import FTJ_SPEC, make_body
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubetune"
-
-FTJ_SPEC: dict[str, Any] = {
-    "model": {"uri": "s3://models/tiny-llama", "secretRef": {"name": "hf-token"}},
-    "dataset": {"source": "jsonl", "uri": "s3://data/train.jsonl"},
-    "training": {"maxSteps": 10},
-    "output": {"uri": "s3://out/run-1"},
-    "storage": {"endpoint": "http://minio.storage:9000", "secretRef": {"name": "s3-creds"}},
-    "resources": {"gpus": 1},
-}
-
-
-def make_body(kind: str, spec: dict[str, Any], name: str = "demo", namespace: str = "team-a",
-              status: dict[str, Any] | None = None, generation: int = 1) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "apiVersion": "kubetune.dev/v1alpha1",
-        "kind": kind,
-        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "generation": generation},
-        "spec": copy.deepcopy(spec),
-    }
-    if status is not None:
-        body["status"] = status
-    return body
-
 
 @pytest.fixture
 def ftj_body() -> Callable[..., dict[str, Any]]:
@@ -64,19 +40,6 @@ def mj_body() -> Callable[..., dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------ cluster fixtures
-def chart_rules(check_secrets: bool = True) -> list[dict[str, Any]]:
-    """The operator's ClusterRole rules exactly as the chart ships them (with checkSecrets, its
-    default where the install is scoped to namespaces)."""
-    rules = yaml.safe_load((CHART / "files" / "clusterrole-rules.yaml").read_text())
-    if check_secrets:
-        rules += yaml.safe_load((CHART / "files" / "secrets-rules.yaml").read_text())
-    return rules
-
-
-def lease_rules() -> list[dict[str, Any]]:
-    return yaml.safe_load((CHART / "files" / "leader-election-rules.yaml").read_text())
-
-
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Any]:
     """A real control plane (etcd, apiserver, controller-manager, scheduler, kwok) with the CRDs."""

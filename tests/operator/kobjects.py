@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -49,3 +50,24 @@ def term_msg(reason: str, message: str, **result: Any) -> str:
     return json.dumps({"reason": reason, "message": message, "result": result})
 
 
+FTJ_SPEC: dict[str, Any] = {
+    "model": {"uri": "s3://models/tiny-llama", "secretRef": {"name": "hf-token"}},
+    "dataset": {"source": "jsonl", "uri": "s3://data/train.jsonl"},
+    "training": {"maxSteps": 10},
+    "output": {"uri": "s3://out/run-1"},
+    "storage": {"endpoint": "http://minio.storage:9000", "secretRef": {"name": "s3-creds"}},
+    "resources": {"gpus": 1},
+}
+
+
+def make_body(kind: str, spec: dict[str, Any], name: str = "demo", namespace: str = "team-a",
+              status: dict[str, Any] | None = None, generation: int = 1) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "generation": generation},
+        "spec": copy.deepcopy(spec),
+    }
+    if status is not None:
+        body["status"] = status
+    return body

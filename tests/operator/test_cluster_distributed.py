@@ -24,7 +24,7 @@ from clusterkit import (
     wait_for,
     wait_status,
 )
-from conftest import FTJ_SPEC, make_body
+from kobjects import FTJ_SPEC, make_body
 from kubetune_operator import builders
 
 from kubetune import api

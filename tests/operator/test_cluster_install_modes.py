@@ -16,8 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clusterkit import GROUP, OperatorProcess, create, create_s3_secret, ftj_spec, job, phase_is, wait_for, wait_status
-from conftest import chart_rules
+from clusterkit import (
+    GROUP,
+    OperatorProcess,
+    chart_rules,
+    create,
+    create_s3_secret,
+    ftj_spec,
+    job,
+    phase_is,
+    wait_for,
+    wait_status,
+)
 
 pytestmark = pytest.mark.integration
 RBAC = "/apis/rbac.authorization.k8s.io/v1"
