@@ -57,7 +57,7 @@ WORKERS = 8
 SECRET_TTL = 10.0  # seconds a Secret seen to exist is not read again (absence is never cached)
 # Events: one per phase change (not into Pending: JobCreated says it), one per failure/stall, and
 # these Pending/Running reasons a user must see in `kubectl describe`. Not every Pending sub-step.
-NOTABLE_REASONS = {"Unschedulable", "Retrying", "WaitingForCleanup", "Preempted"}
+NOTABLE_REASONS = {"Unschedulable", "Retrying", "WaitingForCleanup", "Preempted", "Evicted"}
 WORKLOAD_READ_SECONDS = 30.0  # a queued job waiting for admission: its Workload is read at most this often
 
 Emit = Callable[[dict[str, Any], str, str, str], None]  # (body, "Normal"|"Warning", reason, message)
@@ -319,6 +319,8 @@ class Controller:
             detail = self._workload_state(key, job)  # Kueue's reason: which quota is short, or a preemption
             if detail is not None:
                 new = status.derive(kind, body, job, pods, now, blocked=status.Verdict("Pending", *detail))
+                if detail[0] == "WaitingForAdmission" and old.get("message") != detail[1]:
+                    self.emit(body, "Normal", "WaitingForAdmission", detail[1])  # inadmissible: why, once
         if status.ready_reason(new) in ("Starting", "Retrying"):  # no pod: can the Job controller make one?
             self._check_children(key, body, spec)
         self._write(body, new, precondition=new["phase"] in status.TERMINAL)

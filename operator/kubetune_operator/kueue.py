@@ -159,17 +159,22 @@ def align(kube: Any, job: dict[str, Any], suspend: bool, memo: Aligned) -> float
 
 def workload_state(workload: dict[str, Any] | None) -> tuple[str, str] | None:
     """Why a queued job's Job is suspended, in Kueue's words, as (reason, message) for the status:
-    ``Preempted`` (evicted for a higher-priority workload; it resumes from its checkpoint once
-    admitted again) or ``WaitingForAdmission`` (Kueue's message: which quota is short, in which
-    ClusterQueue). None when the Workload says nothing more (not created yet, or deactivated by
-    spec.suspend)."""
+    ``Preempted`` (evicted for a higher-priority workload), ``Evicted`` (evicted for another reason:
+    pods not ready in time, an admission check, a stopped ClusterQueue; both resume from the last
+    checkpoint once admitted again) or ``WaitingForAdmission`` (Kueue's message: which quota is
+    short, in which ClusterQueue). None when the Workload says nothing more (not created yet, or
+    deactivated, e.g. by spec.suspend)."""
     if workload is None:
         return None
     conds = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []}
     evicted, reserved = conds.get("Evicted") or {}, conds.get("QuotaReserved") or {}
-    if evicted.get("status") == "True" and evicted.get("reason") == "Preempted" and reserved.get("status") != "True":
-        return "Preempted", (f"preempted by Kueue ({evicted.get('message') or 'a higher priority workload'}); "
-                             "it resumes from its last checkpoint once admitted again")
+    if evicted.get("status") == "True" and reserved.get("status") != "True" \
+            and evicted.get("reason") not in ("Deactivated", "InactiveWorkload"):
+        preempted = evicted.get("reason") == "Preempted"
+        what = "preempted" if preempted else f"evicted ({evicted.get('reason')})"
+        return ("Preempted" if preempted else "Evicted"), (
+            f"{what} by Kueue ({evicted.get('message') or 'no message'}); it resumes from its last checkpoint "
+            "once admitted again")
     if reserved.get("status") == "False" and reserved.get("message"):
         return "WaitingForAdmission", f"waiting for admission by Kueue: {reserved['message']}"
     return None

@@ -132,6 +132,13 @@ def test_mergejob_spec_is_immutable(kubectl: Kubectl) -> None:
 def test_explain_and_printer_columns(kubectl: Kubectl) -> None:
     explain = kubectl("explain", "finetunejob.spec.lora.r").stdout
     assert "Rank of the update matrices" in explain
+    for field, words in (("finetunejob.spec.pod.serviceAccountName", "workload identity"),
+                         ("finetunejob.spec.modelCache.claimName", "PersistentVolumeClaim"),
+                         ("finetunejob.spec.resources.nodes", "Indexed Job"),
+                         ("finetunejob.spec.training.distributed", "FSDP"),
+                         ("mergejob.spec.queueName", "Kueue"),
+                         ("mergejob.spec.workloadPriorityClassName", "WorkloadPriorityClass")):
+        assert words in kubectl("explain", field).stdout, field
     kubectl.apply(named(minimal_ftj(), "columns"))
     kubectl("patch", "ftj", "columns", "--subresource=status", "--type=merge", "-p",
             json.dumps({"status": {"phase": "Running", "model": "HuggingFaceTB/SmolLM2-135M-Instruct",

@@ -205,6 +205,8 @@ def test_admitted_through_gpu_quota_second_waits(cluster, ns, kueue, operator_pr
     st = wait_status(cluster, ns, "FineTuneJob", "second",
                      lambda s: phase_is("Pending", "WaitingForAdmission")(s) and "insufficient" in s["message"], 60)
     assert st["message"].startswith("waiting for admission by Kueue:") and "nvidia.com/gpu" in st["message"]
+    events = cluster.request("GET", f"/api/v1/namespaces/{ns}/events?fieldSelector=involvedObject.name%3Dsecond")
+    assert [e for e in events["items"] if e["reason"] == "WaitingForAdmission" and "insufficient" in e["message"]]
     time.sleep(3)
     assert job(cluster, ns, "second-train")["spec"]["suspend"] is True
     assert pods(cluster, ns, "second-train") == []

@@ -287,6 +287,10 @@ def test_workload_state_in_kueues_words():
     assert reason == "Preempted" and "prioritization" in message and "resumes" in message
     admitted_again = {"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": ""}
     assert kueue.workload_state(wl(preempted, admitted_again)) is None
+    timeout = {"type": "Evicted", "status": "True", "reason": "PodsReadyTimeout",
+               "message": "Exceeded the PodsReady timeout"}
+    reason, message = kueue.workload_state(wl(timeout, pending))
+    assert reason == "Evicted" and message.startswith("evicted (PodsReadyTimeout) by Kueue (Exceeded")
     deactivated = {"type": "Evicted", "status": "True", "reason": "Deactivated", "message": "spec.active false"}
     assert kueue.workload_state(wl(deactivated)) is None  # our own suspend: the status says Suspended
     assert kueue.workload_state(None) is None
