@@ -652,6 +652,26 @@ class MergeAfterTraining(ApiModel):
     """Where the merged model goes (default: <output.uri>/merged)."""
 
 
+class Prepare(ApiModel):
+    """The prepare stage: the data checked and tokenized on CPUs before any GPU is asked for."""
+
+    mode: Literal["separate", "inline"] = "separate"
+    """``separate``: a CPU-only Job (no GPU request, not queued) downloads the tokenizer, checks every
+    row, tokenizes and stores the result, and only when it succeeds is the GPU Job created, which
+    reads the stored data. Bad or missing input then fails the job without any GPU pod. ``inline``:
+    one pod does both (a tiny job, or a cluster where an extra pod is not worth it)."""
+    cpu: str = Field(default="1", pattern=QUANTITY_PATTERN)
+    """CPU request and limit of the prepare pod."""
+    memory: str = Field(default="4Gi", pattern=QUANTITY_PATTERN)
+    """Memory request and limit of the prepare pod."""
+    node_selector: dict[str, str] | None = None
+    """Node labels the prepare pod must match, e.g. a CPU node pool. When neither this nor
+    tolerations is set, the prepare pod is placed like the GPU pod (resources' nodeSelector,
+    tolerations and affinity), without its GPUs."""
+    tolerations: list[Toleration] | None = None
+    """Tolerations of the prepare pod (see nodeSelector)."""
+
+
 class FineTuneJobSpec(JobControls):
     """A packed QLoRA supervised fine-tuning run."""
 
@@ -702,6 +722,8 @@ class FineTuneJobSpec(JobControls):
     field that may change after creation."""
     merge: MergeAfterTraining | None = None
     """Merge the adapter into the base when training succeeds."""
+    prepare: Prepare = Field(default_factory=Prepare, json_schema_extra=EMPTY_DEFAULT)
+    """The CPU prepare stage before the GPU Job (default: a separate CPU-only Job)."""
 
     @model_validator(mode="after")
     def _best_needs_eval(self) -> FineTuneJobSpec:
@@ -811,6 +833,9 @@ class DataReport(ApiModel):
     """Samples cut at training.maxLength (bfd and none packing; bfd_split and wrapped keep every token)."""
     truncated_tokens: int | None = Field(default=None, ge=0)
     """Tokens lost to that truncation."""
+    prepared_uri: str | None = None
+    """Where the tokenized data is stored, content-addressed: a retry, a resume or a later job with the
+    same data and tokenizer reuses it instead of tokenizing again."""
 
 
 class FineTuneJobStatus(JobStatusBase):
@@ -832,6 +857,8 @@ class FineTuneJobStatus(JobStatusBase):
     """W&B run page (or offline run folder in storage)."""
     merge_job_name: str | None = None
     """MergeJob created by spec.merge."""
+    prepare_job_name: str | None = None
+    """Name of the CPU-only Job of the prepare stage (spec.prepare)."""
 
 
 class FineTuneJob(ApiModel):

@@ -4,6 +4,7 @@
     kubetune validate FILE                 validate a FineTuneJob/MergeJob manifest locally
     kubetune operator [--namespace NS]...  run the operator (kopf)
     kubetune train --spec FILE|-           run the trainer for a FineTuneJob spec (in the pod)
+    kubetune prepare --spec FILE|-         check, tokenize and store its data only (CPU; train reuses it)
     kubetune merge --spec FILE|-           run the merge for a MergeJob spec (in the pod)
     kubetune run FILE                      run a FineTuneJob manifest locally, without a cluster
 
@@ -91,6 +92,7 @@ def _register_optional(module: str, attr: str) -> None:
 for _module, _attr in (
     ("kubetune_operator.cli", "operator"),
     ("kubetune_trainer.cli", "train"),
+    ("kubetune_trainer.cli", "prepare"),
     ("kubetune_trainer.cli", "merge"),
     ("kubetune_trainer.cli", "run"),
 ):

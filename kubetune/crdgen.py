@@ -178,6 +178,8 @@ def crds() -> dict[str, dict[str, Any]]:
              "description": "Percent of training steps done"},
             {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
             {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+            {"name": "Stage", "type": "string", "jsonPath": ".status.stage",
+             "description": "What the pod does now (preparing: ... on CPU, then loading, training, uploading)"},
             _age(),
             {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
         ],

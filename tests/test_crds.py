@@ -53,7 +53,7 @@ def test_finetunejob_crd_shape() -> None:
     assert names["shortNames"] == ["ftj"] and names["categories"] == ["kubetune"]
     assert crd["spec"]["scope"] == "Namespaced" and version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority", 0) == 0]
-    assert columns == ["Phase", "Model", "Progress", "Loss", "ETA", "Age"]
+    assert columns == ["Phase", "Model", "Progress", "Loss", "ETA", "Stage", "Age"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
     assert any("oldSelf.model" in r for r in rules), "spec must be immutable"

@@ -136,16 +136,18 @@ def test_explain_and_printer_columns(kubectl: Kubectl) -> None:
                          ("finetunejob.spec.modelCache.claimName", "PersistentVolumeClaim"),
                          ("finetunejob.spec.resources.nodes", "Indexed Job"),
                          ("finetunejob.spec.training.distributed", "FSDP"),
+                         ("finetunejob.spec.prepare.mode", "CPU-only Job"),
                          ("mergejob.spec.queueName", "Kueue"),
                          ("mergejob.spec.workloadPriorityClassName", "WorkloadPriorityClass")):
         assert words in kubectl("explain", field).stdout, field
     kubectl.apply(named(minimal_ftj(), "columns"))
     kubectl("patch", "ftj", "columns", "--subresource=status", "--type=merge", "-p",
             json.dumps({"status": {"phase": "Running", "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-                                   "progress": {"percent": 42, "loss": 1.25, "eta": "3m"}}}))
+                                   "progress": {"percent": 42, "loss": 1.25, "eta": "3m"}, "stage": "training"}}))
     table = kubectl("get", "ftj", "columns").stdout.splitlines()
-    assert table[0].split() == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "ETA", "AGE"]
-    assert table[1].split()[:6] == ["columns", "Running", "HuggingFaceTB/SmolLM2-135M-Instruct", "42", "1.25", "3m"]
+    assert table[0].split() == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "ETA", "STAGE", "AGE"]
+    assert table[1].split()[:7] == ["columns", "Running", "HuggingFaceTB/SmolLM2-135M-Instruct", "42", "1.25", "3m",
+                                    "training"]
     assert "columns" in kubectl("get", "kubetune").stdout  # the category
     assert "columns" in kubectl("get", "ftj").stdout  # the short name
 

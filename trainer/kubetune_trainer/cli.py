@@ -51,6 +51,23 @@ def train(spec_path: str | None) -> None:
 
 @click.command()
 @_spec_option
+def prepare(spec_path: str | None) -> None:
+    """Check, tokenize and store a FineTuneJob's data (CPU only; `train` reuses it)."""
+    from kubetune.api import FineTuneJobSpec
+    from kubetune_trainer import runtime
+
+    path = _resolve(spec_path)
+
+    def recipe(ctx: runtime.PodContext) -> dict:  # type: ignore[type-arg]
+        from kubetune_trainer import prepare as prepare_stage
+
+        return prepare_stage.run(runtime.load_spec(path, FineTuneJobSpec), ctx)
+
+    sys.exit(runtime.run_entry("FineTuneJob", recipe))
+
+
+@click.command()
+@_spec_option
 def merge(spec_path: str | None) -> None:
     """Merge an adapter into its base model and publish it (what a MergeJob's pod runs)."""
     from kubetune.api import MergeJobSpec

@@ -20,12 +20,14 @@ Steps, top-down in :func:`train`:
    fingerprint means complete, its result is returned (a retried pod after a success does no work);
    a manifest or checkpoints of another run are refused (OutputConflict, naming their owner and what
    differs). Then check the output is writable before any heavy work.
-2. Data: load, check and format (:mod:`kubetune_trainer.data`). Bad data fails here, before any
-   weights are downloaded or loaded.
-3. Tokenizer (only the tokenizer files are fetched); tokenize once, batched (the Rust tokenizer
-   uses every CPU), into TRL's pre-tokenized layout (``input_ids``/``labels``), then the token-level
-   checks on exactly those labels: truncated samples over ``maxTruncatedFraction``, zero trainable
-   tokens. At most ``dataset.eval.maxSamples`` evaluation samples.
+2. Tokenizer (only the tokenizer files are fetched: no weights move before the data is good).
+3. Prepared data (:mod:`kubetune_trainer.prepare`): when a retry, a resume or another job already
+   prepared this data with this tokenizer, its stored files are used and nothing is tokenized;
+   else load, check and format (:mod:`kubetune_trainer.data`; bad data fails here, naming the
+   row), tokenize once, batched, into TRL's pre-tokenized layout (``input_ids``/``labels``), and
+   store it content-addressed. Then the token-level checks on exactly those labels: truncated
+   samples over ``maxTruncatedFraction``, zero trainable tokens. At most
+   ``dataset.eval.maxSamples`` evaluation samples.
 4. The base model (4-bit NF4 by default, :mod:`kubetune_trainer.modeling`), LoRA via peft.
 5. TRL ``SFTTrainer``: packing ``bfd`` (no attention across packed samples: position_ids restart
    at every sample, no attention mask) or ``wrapped`` (classic constant-length rows) or none.
@@ -59,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import api, contract
-from kubetune_trainer import checkpoints, data, fingerprint, modeling, report, watchdog
+from kubetune_trainer import checkpoints, data, fingerprint, modeling, prepare, report, watchdog
 from kubetune_trainer.distributed import Ranks
 from kubetune_trainer.runtime import InvalidSpec, PodContext, Preempted, StorageError
 from kubetune_trainer.storage import Store, join, read_manifest, write_manifest
@@ -83,41 +85,26 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
 
     # 1. Bound to the spec: a complete run with this fingerprint is never trained twice; another
     #    run's result or checkpoints at this output are refused, before any data or model moves.
-    inputs = fingerprint.run_inputs(spec, store)
-    stamp = {"fingerprint": fingerprint.of(inputs), "fingerprintInputs": inputs,
-             "owner": fingerprint.owner(ctx.name, ctx.namespace)}
-    finished = read_manifest(store, out)
+    inputs, stamp, finished, pointer = bind_output(spec, store, ctx)
     if finished is not None:
-        fingerprint.check(finished, "the result", out, stamp["fingerprint"], inputs)
         log.info("%s is already complete (created %s): nothing to do", out, finished.get("createdAt"))
         return dict(finished.get("result") or {})
-    pointer = checkpoints.latest_pointer(store, out)
-    if pointer is not None:
-        fingerprint.check(pointer, "checkpoints", join(out, contract.CHECKPOINTS_DIR), stamp["fingerprint"], inputs)
     if ranks.main:
         store.check_writable(out)
 
-    # 2. Data: every row-level check, before any model file moves.
-    ctx.reporter.patch({"stage": f"loading dataset {spec.dataset.uri}"})
-    splits = data.load_splits(spec.dataset, store, ranks.work_dir(work), spec.training.seed)
-
-    # 3. Tokenizer; tokenize once (TRL trains on these labels as they are), then the token-level checks.
-    tokenizer_path = ranks.per_pod(lambda: modeling.resolve_model(spec.model, store, work, tokenizer_only=True))
+    # 2-3. Data: the tokenizer only (no weights), then the prepared data (kubetune_trainer.prepare):
+    #      reused from storage when a retry, a resume or another job prepared the same data, else
+    #      every row-level check, tokenized once, stored. Then the token checks on exactly those labels.
+    tokenizer_path = prepare.tokenizer_for(spec, store, work, ranks)
     tokenizer = modeling.load_tokenizer(tokenizer_path, spec.model)
     assistant_only, chat_template = assistant_only_loss(spec.dataset, tokenizer)
-    ctx.reporter.patch({"stage": f"tokenizing {len(splits.train)} samples"})
-    train_set = data.tokenize(splits.train, tokenizer, assistant_only, chat_template)
-    eval_set = None
-    if splits.eval is not None:
-        eval_rows = eval_subset(splits.eval, spec.dataset.eval.max_samples if spec.dataset.eval else None,
-                                spec.training.seed)
-        eval_set = data.tokenize(eval_rows, tokenizer, assistant_only, chat_template)
+    prepared = prepare.prepare(spec, ctx, store, tokenizer, assistant_only, chat_template, inputs, ranks)
+    if prepared.reused:
+        log.info("no tokenization here: %d training samples prepared at %s", len(prepared.train), prepared.uri)
+    train_set, eval_set = prepared.train, prepared.eval
     stats = data.check_tokens(train_set, spec.training.max_length, spec.training.packing, assistant_only,
                               max_truncated_fraction=spec.training.max_truncated_fraction)
-    data_stats = {"trainingRows": len(splits.train), "evalRows": len(splits.eval) if splits.eval is not None else 0,
-                  "evalSamples": len(eval_set) if eval_set is not None else 0,
-                  "tokens": stats.tokens, "trainableTokens": stats.trainable, "samplesOverMaxLength": stats.too_long,
-                  "truncatedSamples": stats.truncated_samples, "truncatedTokens": stats.truncated_tokens}
+    data_stats = prepare.data_report(prepared, stats)
     ctx.reporter.patch({"data": data_stats})
 
     # 4. Base model + LoRA.
@@ -237,6 +224,24 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
 # ----------------------------------------------------------------------------------------------
 # Helpers (small, pure where possible, tested on their own)
 # ----------------------------------------------------------------------------------------------
+
+
+def bind_output(spec: api.FineTuneJobSpec, store: Store, ctx: PodContext) -> tuple[
+        dict[str, Any], dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+    """(fingerprint inputs, the stamp every manifest and checkpoint carries, the output's manifest
+    when this very run is complete there, its latest checkpoint pointer). Raises OutputConflict
+    when ``output.uri`` holds another run's result or checkpoints (:mod:`kubetune_trainer.fingerprint`)."""
+    out = spec.output.uri.rstrip("/")
+    inputs = fingerprint.run_inputs(spec, store)
+    stamp = {"fingerprint": fingerprint.of(inputs), "fingerprintInputs": inputs,
+             "owner": fingerprint.owner(ctx.name, ctx.namespace)}
+    finished = read_manifest(store, out)
+    if finished is not None:
+        fingerprint.check(finished, "the result", out, stamp["fingerprint"], inputs)
+    pointer = checkpoints.latest_pointer(store, out)
+    if pointer is not None:
+        fingerprint.check(pointer, "checkpoints", join(out, contract.CHECKPOINTS_DIR), stamp["fingerprint"], inputs)
+    return inputs, stamp, finished, pointer
 
 
 def assistant_only_loss(dataset: api.Dataset, tokenizer: Any) -> tuple[bool, str | None]:
@@ -403,14 +408,6 @@ def trainer_class() -> Any:
                 return {}
 
     return Trainer
-
-
-def eval_subset(rows: Any, max_samples: int | None, seed: int) -> Any:
-    """At most ``max_samples`` evaluation rows, a seeded random subset (dataset.eval.maxSamples)."""
-    if max_samples is None or len(rows) <= max_samples:
-        return rows
-    log.info("evaluating on %d of %d evaluation rows (dataset.eval.maxSamples)", max_samples, len(rows))
-    return rows.shuffle(seed=seed).select(range(max_samples))
 
 
 def use_best_adapter(model: Any, store: Store, out: str, step: int, work: Path) -> None:
