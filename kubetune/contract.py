@@ -93,5 +93,7 @@ REPORT = "report.md"
 # Labels and annotations
 LABEL_JOB_NAME = "kubetune.dev/job-name"
 LABEL_KIND = "kubetune.dev/kind"
+LABEL_STAGE = "kubetune.dev/stage"  # "prepare" on the CPU Job of the prepare stage and its pod
+STAGE_PREPARE = "prepare"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 LABEL_PRIORITY_CLASS = "kueue.x-k8s.io/priority-class"

@@ -492,6 +492,41 @@ def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobS
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": job_spec}
 
 
+def prepares(spec: api.FineTuneJobSpec | api.MergeJobSpec | None) -> bool:
+    """Whether the FineTuneJob runs a separate CPU prepare Job before its GPU Job (spec.prepare)."""
+    return isinstance(spec, api.FineTuneJobSpec) and spec.prepare.mode == "separate"
+
+
+def prepare_job_name(name: str) -> str:
+    return child_name(name, "prepare")
+
+
+def prepare_job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec, settings: Settings) -> dict[str, Any]:
+    """The CPU-only Job of the prepare stage (``kubetune prepare``): the trainer's pod (image, spec,
+    credentials, pod settings, model cache) with spec.prepare's cpu and memory and no GPU, placed by
+    spec.prepare's nodeSelector and tolerations when it sets either (a CPU pool), else like the GPU
+    pod (resources' placement); never queued in Kueue and never suspended (it holds no quota). One
+    pod; permanent exit codes fail it at once, a transient failure is retried up to spec.backoffLimit."""
+    res, prep = resolved_spec.resources, resolved_spec.prepare
+    own_placement = prep.node_selector is not None or prep.tolerations is not None
+    cpu_spec = resolved_spec.model_copy(update={
+        "resources": api.Resources(gpus=0, cpu=prep.cpu, memory=prep.memory, shm_size=res.shm_size,
+                                   priority_class_name=res.priority_class_name,
+                                   **({"node_selector": prep.node_selector, "tolerations": prep.tolerations}
+                                      if own_placement else
+                                      {"node_selector": res.node_selector, "tolerations": res.tolerations,
+                                       "affinity": res.affinity})),
+        "queue_name": None, "workload_priority_class_name": None})
+    manifest = job(body, cpu_spec, settings, suspend=False)
+    manifest["metadata"]["name"] = prepare_job_name(body["metadata"]["name"])
+    stage = {contract.LABEL_STAGE: contract.STAGE_PREPARE}
+    manifest["metadata"]["labels"].update(stage)
+    template = manifest["spec"]["template"]
+    template["metadata"]["labels"].update(stage)
+    template["spec"]["containers"][0]["command"] = ["kubetune", "prepare", "--spec", contract.SPEC_FILE]
+    return manifest
+
+
 def ttl_patch(job: dict[str, Any] | None, spec: api.FineTuneJobSpec | api.MergeJobSpec) -> dict[str, Any] | None:
     """The Job patch that turns on ``spec.ttlSecondsAfterFinished``, or None when there is nothing
     to do. Only called once the terminal status is written: until then the Job is the only record

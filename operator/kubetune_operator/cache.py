@@ -16,9 +16,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from kubetune import contract
 from kubetune_operator.builders import LABEL_OWNER, PLURAL
 
 Key = tuple[str, str, str]
+TRAIN, PREPARE = "train", contract.STAGE_PREPARE  # a FineTuneJob's two Jobs (a MergeJob has one: TRAIN)
 CONTROLLER_UID = "batch.kubernetes.io/controller-uid"
 _DROP_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
 
@@ -33,6 +35,12 @@ def owner_of(child: dict[str, Any]) -> Key | None:
     meta = child.get("metadata") or {}
     kind, _, name = ((meta.get("annotations") or {}).get(LABEL_OWNER) or "").partition("/")
     return (kind, meta.get("namespace") or "", name) if kind in PLURAL and name else None
+
+
+def stage_of(job: dict[str, Any]) -> str:
+    """Which of its owner's Jobs this is: the prepare stage's (its label) or the main one."""
+    labels = (job.get("metadata") or {}).get("labels") or {}
+    return PREPARE if labels.get(contract.LABEL_STAGE) == contract.STAGE_PREPARE else TRAIN
 
 
 def _slim_meta(meta: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +97,7 @@ class Cache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._resources: dict[Key, dict[str, Any]] = {}
-        self._jobs: dict[Key, dict[str, Any]] = {}
+        self._jobs: dict[str, dict[Key, dict[str, Any]]] = {TRAIN: {}, PREPARE: {}}
         self._pods: dict[Key, dict[str, dict[str, Any]]] = {}
 
     # -- resources
@@ -145,8 +153,9 @@ class Cache:
         slimmed = slim(child)
         with self._lock:
             if child.get("kind") == "Job":
-                if not _older(slimmed, self._jobs.get(owner)):
-                    self._jobs[owner] = slimmed
+                jobs = self._jobs[stage_of(child)]
+                if not _older(slimmed, jobs.get(owner)):
+                    jobs[owner] = slimmed
             else:
                 pods = self._pods.setdefault(owner, {})
                 if not _older(slimmed, pods.get(child["metadata"]["name"])):
@@ -160,8 +169,9 @@ class Cache:
         meta = child["metadata"]
         with self._lock:
             if child.get("kind") == "Job":
-                if (self._jobs.get(owner) or {}).get("metadata", {}).get("uid") == meta.get("uid"):
-                    del self._jobs[owner]
+                jobs = self._jobs[stage_of(child)]
+                if (jobs.get(owner) or {}).get("metadata", {}).get("uid") == meta.get("uid"):
+                    del jobs[owner]
             else:
                 pods = self._pods.get(owner) or {}
                 if (pods.get(meta["name"]) or {}).get("metadata", {}).get("uid") == meta.get("uid"):
@@ -170,9 +180,9 @@ class Cache:
                     self._pods.pop(owner, None)
         return owner
 
-    def job(self, key: Key) -> dict[str, Any] | None:
+    def job(self, key: Key, stage: str = TRAIN) -> dict[str, Any] | None:
         with self._lock:
-            return self._jobs.get(key)
+            return self._jobs[stage].get(key)
 
     def pods(self, key: Key, job_uid: str) -> list[dict[str, Any]]:
         """The pods of that Job (by its controller-uid label: an older Job's pods do not count)."""
@@ -191,7 +201,8 @@ class Cache:
                     and _stale(body, list_rv)]
             for k in gone:
                 del self._resources[k]
-                self._jobs.pop(k, None)
+                for jobs in self._jobs.values():
+                    jobs.pop(k, None)
                 self._pods.pop(k, None)
         return gone
 
@@ -200,11 +211,12 @@ class Cache:
         their uids). Returns the owners whose children changed."""
         changed: set[Key] = set()
         with self._lock:
-            for owner, job in list(self._jobs.items()) if kind == "Job" else []:
-                if (not namespace or owner[1] == namespace) and job["metadata"].get("uid") not in listed \
-                        and _stale(job, list_rv):
-                    del self._jobs[owner]
-                    changed.add(owner)
+            for jobs in self._jobs.values() if kind == "Job" else []:
+                for owner, job in list(jobs.items()):
+                    if (not namespace or owner[1] == namespace) and job["metadata"].get("uid") not in listed \
+                            and _stale(job, list_rv):
+                        del jobs[owner]
+                        changed.add(owner)
             for owner, pods in list(self._pods.items()) if kind == "Pod" else []:
                 if namespace and owner[1] != namespace:
                     continue
@@ -218,10 +230,11 @@ class Cache:
 
     def forget_children(self, key: Key) -> None:
         with self._lock:
-            self._jobs.pop(key, None)
+            for jobs in self._jobs.values():
+                jobs.pop(key, None)
             self._pods.pop(key, None)
 
     def sizes(self) -> dict[str, int]:
         with self._lock:
-            return {"resources": len(self._resources), "jobs": len(self._jobs),
+            return {"resources": len(self._resources), "jobs": sum(len(j) for j in self._jobs.values()),
                     "pods": sum(len(p) for p in self._pods.values())}

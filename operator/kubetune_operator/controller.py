@@ -41,7 +41,7 @@ from typing import Any
 
 from kubetune import api, contract
 from kubetune_operator import builders, kueue, metrics, status, validation
-from kubetune_operator.cache import Cache, Key, key_of
+from kubetune_operator.cache import PREPARE, TRAIN, Cache, Key, key_of
 from kubetune_operator.kube import ApiError, Fenced, Kube
 from kubetune_operator.workqueue import WorkQueue
 
@@ -292,6 +292,10 @@ class Controller:
                 return False
         if job is None:  # validate (and resolve) only before creating: the spec is immutable after that
             blocked, run_spec = self._check(body, spec)
+            if blocked is None and builders.prepares(run_spec):
+                waiting = self._prepare_stage(key, body, run_spec)
+                if waiting is not None:  # not prepared yet (or the prepare stage failed): no GPU Job
+                    return waiting
             if blocked is None:
                 job, blocked = self._create_children(body, run_spec)
                 self._children_checked[key] = time.monotonic()
@@ -330,12 +334,65 @@ class Controller:
             self._ensure_merge_job({**body, "status": {**old, **new}})
         return False
 
+    def _prepare_stage(self, key: Key, body: dict[str, Any], spec: api.FineTuneJobSpec) -> bool | None:
+        """The CPU-only prepare Job (spec.prepare.mode separate) that runs before the GPU Job: create
+        it, and report it as the status (Pending, reason Preparing while its pod runs; Failed with the
+        pod's reason -- InvalidDataset, InvalidSpec, ... -- when it fails: then no GPU Job is ever
+        created). -> None once it completed (the GPU Job may be created), else whether the resource
+        is blocked (re-checked with backoff). A prepare Job deleted before the GPU Job exists is
+        simply made again: preparing is idempotent (content-addressed) and holds no GPU."""
+        kind, now = body["kind"], self.clock()
+        prep = self.cache.job(key, PREPARE)
+        if prep is None:
+            try:
+                self._create_support(body, spec)
+                prep, created = self.kube.create(builders.prepare_job(body, spec, self.settings))
+            except ApiError as err:
+                refused = status.create_refused(err.status, str(err))
+                if refused is None:
+                    raise
+                self._write(body, status.derive(kind, body, None, [], now, blocked=refused))
+                return refused.phase != "Failed"
+            self.cache.put_child({**prep, "kind": "Job"})
+            self._children_checked[key] = time.monotonic()
+            if created:
+                self.emit(body, "Normal", "PrepareJobCreated",
+                          f"created Job {prep['metadata']['name']}: the data is prepared on CPU before the GPU Job")
+        if not self._owned(prep, body):
+            wait = status.Verdict("Pending", "WaitingForCleanup",
+                                  f"a Job {prep['metadata']['name']} of an earlier resource with this name still "
+                                  "exists; waiting for the garbage collector")
+            self._write(body, status.derive(kind, body, None, [], now, blocked=wait))
+            return True
+        if status.job_condition(prep, "Complete") or status.job_condition(prep, "SuccessCriteriaMet"):
+            return None
+        pods = self.cache.pods(key, prep["metadata"]["uid"])
+        stage = (body.get("status") or {}).get("stage")
+        found = status.prepare_verdict(prep, pods, stage if isinstance(stage, str) else None)
+        new = status.derive(kind, body, None, [], now, blocked=found)
+        timeout = spec.startup_timeout_seconds or self.settings.startup_timeout_seconds
+        gave_up, wait_s = status.startup_timeout(new, prep, pods, now, timeout)
+        if gave_up is not None:
+            new = status.derive(kind, body, None, [], now, blocked=gave_up)
+        elif wait_s is not None:
+            self.queue.add_after(key, wait_s + 1.0)
+        new["prepareJobName"] = prep["metadata"]["name"]
+        if status.ready_reason(new) in ("Starting", "Retrying"):
+            self._check_children(key, body, spec)
+        self._write(body, new, precondition=new["phase"] in status.TERMINAL)
+        if new["phase"] in status.TERMINAL:
+            self._wind_down(key, body, new)
+        return False
+
     def _wind_down(self, key: Key, body: dict[str, Any], st: dict[str, Any]) -> None:
         """Once the end is in the status: stop a Job that still runs (a startup timeout), and only
-        now hand the Job to its TTL (spec.ttlSecondsAfterFinished)."""
-        job = self.cache.job(key)
-        if job is None or not self._owned(job, body):
-            return
+        now hand the Jobs (the prepare stage's too) to their TTL (spec.ttlSecondsAfterFinished)."""
+        for stage in (TRAIN, PREPARE):
+            job = self.cache.job(key, stage)
+            if job is not None and self._owned(job, body):
+                self._wind_down_job(body, job, st)
+
+    def _wind_down_job(self, body: dict[str, Any], job: dict[str, Any], st: dict[str, Any]) -> None:
         finished = status.job_condition(job, "Complete") or status.job_condition(job, "Failed")
         patch: dict[str, Any] = {}
         if not finished and st.get("phase") == "Failed" and (job.get("spec") or {}).get("activeDeadlineSeconds") != 1:

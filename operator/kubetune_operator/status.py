@@ -30,7 +30,7 @@ RESULT_FIELDS = {
     "MergeJob": ("mergedUri", "adapterUri", "verification", "samples"),
 }
 OWNED_FIELDS = ("phase", "conditions", "message", "observedGeneration", "jobName", "attempts", "startTime",
-                "completionTime", "model")
+                "completionTime", "model", "prepareJobName")
 # Container waiting reasons that need a human (wrong image, missing Secret key): Stalled.
 STALLED_WAITING = {"ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "ErrImageNeverPull"}
 # Waiting reasons worth surfacing while the pod starts.
@@ -253,6 +253,20 @@ def verdict(job: dict[str, Any] | None, pods: list[dict[str, Any]], spec_suspend
         return Verdict("Pending", "WaitingForAdmission", "the Job is suspended until it is admitted "
                                                          "(Kueue queue) or resumed")
     return _active(job, pods, attempts(job, pods), stage)
+
+
+def prepare_verdict(job: dict[str, Any], pods: list[dict[str, Any]], stage: str | None = None) -> Verdict:
+    """The status while the CPU prepare Job runs (its GPU Job does not exist yet): Pending, reason
+    Preparing while its pod runs or retries; the pod's own waiting reasons (Unschedulable,
+    ImagePullBackOff, ...) as they are, for the startup timeout; Failed with the failed pod's reason
+    (InvalidDataset, InvalidSpec, ...) and the note that no GPU was asked for."""
+    v = verdict(job, pods, False, stage)
+    if v.phase == "Failed":
+        return Verdict("Failed", v.reason, truncate(f"the prepare stage failed, no GPU pod was created: {v.message}"),
+                       stalled=True)
+    if v.reason in ("Running", "Retrying", "Completing"):
+        return Verdict("Pending", "Preparing", truncate(f"preparing the data on CPU before the GPU Job: {v.message}"))
+    return Verdict("Pending", v.reason, truncate(f"prepare stage: {v.message}"), stalled=v.stalled)
 
 
 def attempts(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> int:

@@ -17,21 +17,9 @@ from typing import Any
 
 import pytest
 from e2e_support import System, wait_for
-from test_e2e import FTJ, RUN_TIMEOUT, finetune, wait_phase
+from test_e2e import FTJ, RUN_TIMEOUT, finetune, job_pods, pod_log, wait_phase
 
 pytestmark = pytest.mark.e2e
-
-
-def pod_log(system: System, pod: dict[str, Any]) -> str:
-    name = pod["metadata"]["name"]
-    if system.runner is not None:
-        path = system.runner.log_path(system.namespace, name)
-        return path.read_text(errors="replace") if path else ""
-    return system.cluster.kubectl("logs", "-n", system.namespace, name, check=False).stdout
-
-
-def job_pods(system: System, name: str) -> list[dict[str, Any]]:
-    return sorted(system.pods(f"kubetune.dev/job-name={name}"), key=lambda p: p["metadata"]["creationTimestamp"])
 
 
 def load_adapter(system: System, adapter_uri: str, base: Path, into: Path) -> None:

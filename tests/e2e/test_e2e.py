@@ -55,6 +55,45 @@ def wait_phase(system: System, plural: str, name: str, *phases: str, timeout: fl
         raise AssertionError(f"{err}\nstatus: {(obj or {}).get('status')}\n{system.diagnostics()}") from None
 
 
+def pod_log(system: System, pod: dict[str, Any]) -> str:
+    name = pod["metadata"]["name"]
+    if system.runner is not None:
+        path = system.runner.log_path(system.namespace, name)
+        return path.read_text(errors="replace") if path else ""
+    return system.cluster.kubectl("logs", "-n", system.namespace, name, check=False).stdout
+
+
+def job_pods(system: System, name: str, stage: str | None = None) -> list[dict[str, Any]]:
+    """A FineTuneJob's pods, oldest first: its GPU Job's, or (``stage`` "prepare") its CPU prepare Job's."""
+    selector = f"kubetune.dev/job-name={name},{f'kubetune.dev/stage={stage}' if stage else '!kubetune.dev/stage'}"
+    return sorted(system.pods(selector), key=lambda p: p["metadata"]["creationTimestamp"])
+
+
+def asked_for_gpus(system: System, name: str) -> list[str]:
+    """Pods of the FineTuneJob (either stage) that the API server shows asking for a GPU."""
+    return [p["metadata"]["name"] for p in system.pods(f"kubetune.dev/job-name={name}")
+            if any("nvidia.com/gpu" in ((c.get("resources") or {}).get("limits") or {})
+                   for c in p["spec"]["containers"])]
+
+
+def failed_once_in_prepare(system: System, name: str, st: dict[str, Any]) -> None:
+    """The prepare stage failed after one pod, and nothing asked for a GPU (issue #18)."""
+    assert "jobName" not in st and st["prepareJobName"] == f"{name}-prepare", st
+    path = f"/apis/batch/v1/namespaces/{system.namespace}/jobs/{st['prepareJobName']}"
+
+    def counted() -> dict[str, Any] | None:
+        # The Job controller may mark the Job FailureTarget before it moves the pod out of
+        # uncountedTerminatedPods into status.failed: wait for the count, then check it is one pod.
+        js = system.cluster.get(path).get("status") or {}
+        uncounted = js.get("uncountedTerminatedPods") or {}
+        return js if not uncounted.get("failed") and not uncounted.get("succeeded") else None
+
+    job_status = wait_for(counted, 60, "the Job controller to count the failed pod")
+    assert job_status.get("failed") == 1 and not job_status.get("succeeded"), job_status
+    assert system.cluster.get(f"/apis/batch/v1/namespaces/{system.namespace}/jobs/{name}-train") is None
+    assert not asked_for_gpus(system, name)
+
+
 def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
     return next(c for c in obj["status"]["conditions"] if c["type"] == ctype)
 
@@ -84,6 +123,15 @@ def test_finetune_then_merge(system: System) -> None:
     assert condition(ftj, "Succeeded")["status"] == "True" and condition(ftj, "Ready")["status"] == "True"
     assert st["attempts"] == 1
     assert st["data"]["trainingRows"] > 0 and st["data"]["truncatedSamples"] == 0  # what the data held
+    # two stages: the CPU prepare pod tokenized and stored the data, the GPU pod only read it
+    assert st["prepareJobName"] == f"{name}-prepare" and "/.kubetune/prepared/" in st["data"]["preparedUri"]
+    (prepare_pod,) = job_pods(system, name, "prepare")
+    gpu_pod = job_pods(system, name)[-1]
+    assert asked_for_gpus(system, name) == [gpu_pod["metadata"]["name"]]
+    assert re.search(r"prepared \d+ training samples", pod_log(system, prepare_pod)), pod_log(system, prepare_pod)
+    gpu_log = pod_log(system, gpu_pod)
+    assert "no tokenization here" in gpu_log and not re.search(r"prepared \d+ training samples", gpu_log), \
+        gpu_log[-3000:]
     adapter = st["adapterUri"]
     assert adapter.startswith(f"s3://{BUCKET}/runs/{system.namespace}/{name}/")
     files = set(system.s3_keys(adapter))
@@ -94,7 +142,8 @@ def test_finetune_then_merge(system: System) -> None:
 
     table = printed_table(system, "finetunejobs")
     row = table[name]
-    assert list(row) == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "ETA", "AGE"], row
+    assert list(row) == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "ETA", "STAGE", "AGE"], row
+    assert row["STAGE"] == "done", row
     assert row["PHASE"] == "Succeeded" and row["PROGRESS"] == "100"
     assert row["MODEL"] == st["model"] and st["model"].startswith("s3://"), row  # spec.model.uri
     assert float(row["LOSS"]) == pytest.approx(progress["loss"], rel=1e-3)
@@ -132,7 +181,8 @@ def test_finetune_then_merge(system: System) -> None:
     assert failed["reason"] == "OutputConflict", f"{refused['status']}\n{system.diagnostics()}"
     assert f"already holds the result of FineTuneJob {system.namespace}/{name}" in failed["message"]
     assert "dataset.uri" in failed["message"]
-    assert refused["status"]["attempts"] == 1 and "adapterUri" not in refused["status"]
+    failed_once_in_prepare(system, "same-output", refused["status"])  # refused on CPU, before any GPU
+    assert "adapterUri" not in refused["status"]
     assert "progress" not in refused["status"]
     assert system.s3_json(adapter.rstrip("/") + "/manifest.json") == manifest
 
@@ -145,23 +195,14 @@ def test_bad_dataset_fails_without_retries(system: System) -> None:
     assert st["phase"] == "Failed"
     failed = condition(ftj, "Failed")
     assert failed["status"] == "True" and failed["reason"] == "InvalidDataset", failed
-    assert st["attempts"] == 1  # a permanent failure: the pod failure policy fails the Job at once
-    path = f"/apis/batch/v1/namespaces/{system.namespace}/jobs/{st['jobName']}"
-
-    def counted() -> dict[str, Any] | None:
-        # The Job controller may mark the Job FailureTarget before it moves the pod out of
-        # uncountedTerminatedPods into status.failed: wait for the count, then check it is one pod.
-        js = system.cluster.get(path).get("status") or {}
-        uncounted = js.get("uncountedTerminatedPods") or {}
-        return js if not uncounted.get("failed") and not uncounted.get("succeeded") else None
-
-    job_status = wait_for(counted, 60, "the Job controller to count the failed pod")
-    assert job_status.get("failed") == 1 and not job_status.get("succeeded"), job_status
+    # a permanent failure in the CPU prepare stage: the pod failure policy fails its Job at once,
+    # and no GPU Job or GPU pod is ever made
+    failed_once_in_prepare(system, name, st)
 
 
 def test_missing_model_fails_at_once_without_a_second_pod(system: System) -> None:
     """A model.uri folder that does not exist used to be a StorageError, retried until the backoff
-    limit (4 GPU pods). It is the spec's input: InvalidSpec, one pod, no retry."""
+    limit (4 GPU pods). It is the spec's input: InvalidSpec, one CPU pod, no retry, no GPU pod."""
     name = "no-model"
     manifest = finetune(system, name)
     manifest["spec"]["model"]["uri"] = f"s3://{BUCKET}/models/no-such-model"
@@ -169,7 +210,7 @@ def test_missing_model_fails_at_once_without_a_second_pod(system: System) -> Non
     ftj = wait_phase(system, FTJ, name, "Failed", "Succeeded")
     failed = condition(ftj, "Failed")
     assert failed["reason"] == "InvalidSpec" and "no-such-model" in failed["message"], ftj["status"]
-    assert ftj["status"]["attempts"] == 1
+    failed_once_in_prepare(system, name, ftj["status"])
     assert len(system.pods(f"kubetune.dev/job-name={name}")) <= 1
 
 
@@ -178,7 +219,7 @@ def test_suspend_keeps_checkpoint_and_resume_continues(system: System) -> None:
     name = "pausable"
     total = 40  # 0.5-4 s a step on 2 cores: the suspend (a few seconds to reach the pod) lands before the end
     system.cluster.apply(finetune(system, name, max_steps=total, save_steps=2), namespace=system.namespace)
-    selector = f"kubetune.dev/job-name={name}"
+    selector = f"kubetune.dev/job-name={name},!kubetune.dev/stage"  # the GPU Job's pods
 
     def checkpointed() -> dict[str, Any] | None:
         obj = system.resource(FTJ, name) or {}

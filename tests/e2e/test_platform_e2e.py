@@ -53,8 +53,9 @@ def test_workload_identity_without_a_storage_secret(real_system: System) -> None
 
 def test_a_retried_pod_reads_the_model_from_the_cache(real_system: System, tmp_path_factory: Any) -> None:
     """spec.modelCache on the real node: a PersistentVolumeClaim (bound to a hostPath volume of the
-    node). The first pod downloads the model into it; the pod is deleted mid-run and the retry
-    reads the model from the cache, with no download (issue #15, part 2)."""
+    node). The CPU prepare pod downloads the model into it (issue #18: the model moves once, before
+    any GPU waits) and the GPU pod reads it from there; the GPU pod is deleted mid-run and the retry
+    reads the model from the cache too (issue #15, part 2)."""
     import os
     import re
 
@@ -92,9 +93,12 @@ def test_a_retried_pod_reads_the_model_from_the_cache(real_system: System, tmp_p
                              f"{(system.resource(FTJ, name) or {}).get('status')}\n{system.diagnostics()}") from None
     bound = system.cluster.get(f"/api/v1/namespaces/{ns}/persistentvolumeclaims/hf-models")
     assert bound["status"]["phase"] == "Bound", bound["status"]
+    # the model moved once, on CPU: the prepare pod stored it, the first GPU pod read it from the volume
+    prepare_log = system.cluster.kubectl("logs", "-n", ns, pod_of(system, name, "prepare")["metadata"]["name"]).stdout
+    assert "stored in the model cache" in prepare_log, prepare_log[-3000:]
     first = pod_of(system, name)["metadata"]["name"]
     first_log = system.cluster.kubectl("logs", "-n", ns, first).stdout
-    assert "stored in the model cache" in first_log, first_log[-3000:]
+    assert "from the model cache" in first_log and "stored in the model cache" not in first_log, first_log[-3000:]
     system.cluster.kubectl("delete", "pod", first, "-n", ns, "--wait=true", timeout=180)
     done = wait_phase(system, FTJ, name, "Succeeded", "Failed")
     assert done["status"]["phase"] == "Succeeded", f"{done['status']}\n{system.diagnostics()}"

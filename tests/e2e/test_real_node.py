@@ -43,8 +43,10 @@ def wait_reported(system: System, name: str, reason: str, timeout: float) -> dic
     return obj
 
 
-def pod_of(system: System, name: str) -> dict[str, Any]:
-    pods = system.pods(f"kubetune.dev/job-name={name}")
+def pod_of(system: System, name: str, stage: str | None = None) -> dict[str, Any]:
+    """The newest pod of a FineTuneJob's GPU Job (``stage`` "prepare": of its CPU prepare Job)."""
+    which = f"kubetune.dev/stage={stage}" if stage else "!kubetune.dev/stage"
+    pods = system.pods(f"kubetune.dev/job-name={name},{which}")
     assert pods, f"no pod for {name}"
     return sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"])[-1]
 

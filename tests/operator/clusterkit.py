@@ -96,6 +96,7 @@ def ftj_spec(**overrides: Any) -> dict[str, Any]:
         "storage": {"endpoint": "http://minio.storage:9000", "secretRef": {"name": "s3-creds"}},
         "resources": {"gpus": 1, "nodeSelector": dict(RUNNER)},
         "backoffLimit": 2,
+        "prepare": {"mode": "inline"},  # one Job: test_cluster_prepare.py runs the CPU prepare stage first
     }
     spec.update(overrides)
     return spec

@@ -57,6 +57,7 @@ FTJ_SPEC: dict[str, Any] = {
     "output": {"uri": "s3://out/run-1"},
     "storage": {"endpoint": "http://minio.storage:9000", "secretRef": {"name": "s3-creds"}},
     "resources": {"gpus": 1},
+    "prepare": {"mode": "inline"},  # one Job: the prepare stage's own tests set "separate"
 }
 
 

@@ -75,7 +75,7 @@ def test_apply_runs_succeeds_with_results(cluster, ns, operator_proc, operator_i
 
     table = cluster.kubectl("get", "ftj", "-n", ns).stdout
     header, row = table.splitlines()[:2]
-    assert header.split() == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "ETA", "AGE"]
+    assert header.split() == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "ETA", "STAGE", "AGE"]
     assert row.split()[:5] == ["demo", "Running", "s3://models/tiny", "30", "2.5"]  # Model: spec.model.uri
 
     kubelet_exit(cluster, pod, 0, term_message("Completed", "trained 10 steps", adapterUri="s3://out/run-1/adapter",
