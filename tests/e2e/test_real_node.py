@@ -94,7 +94,7 @@ def test_memory_limit_kills_and_the_status_says_oomkilled(real_system: System) -
     spec["spec"]["resources"]["memory"] = "160Mi"
     spec["spec"]["backoffLimit"] = 0
     real_system.cluster.apply(spec, namespace=real_system.namespace)
-    ftj = wait_phase(real_system, FTJ, name, "Failed", "Succeeded", timeout=240)
+    ftj = wait_phase(real_system, FTJ, name, "Failed", "Succeeded", timeout=420)  # the CPU prepare pod runs first
     failed = condition(ftj, "Failed")
     assert failed["reason"] == "OOMKilled", f"{ftj['status']}\n{real_system.diagnostics()}"
     assert "spec.resources.memory" in failed["message"]
@@ -187,7 +187,7 @@ def test_more_gpus_than_the_node_has_is_reported_unschedulable(real_system: Syst
     spec["spec"]["resources"]["gpus"] = 16
     real_system.cluster.apply(spec, namespace=real_system.namespace)
 
-    obj = wait_reported(real_system, name, "Unschedulable", 120)
+    obj = wait_reported(real_system, name, "Unschedulable", 360)  # after the CPU prepare stage
     assert obj["status"]["phase"] == "Pending"
     assert "nvidia.com/gpu" in obj["status"]["message"], obj["status"]
     assert not pod_of(real_system, name).get("spec", {}).get("nodeName")

@@ -124,3 +124,21 @@ def test_docs_embed_the_shipped_scripts(script):
     body = (HEALTH / script).read_text()
     embedded = "\n".join("    " + line if line else "" for line in body.splitlines())
     assert embedded in doc, f"docs/gitops.md is out of date with charts/kubetune/health/{script}"
+
+
+def test_finetunejob_prepare_stage(ftj_body):
+    """Argo CD and Flux follow the two stages: the CPU prepare stage is progress, its failure (no GPU
+    pod made) is Degraded/Failed with the pod's reason."""
+    prep = job_dict("demo-prepare", active=1)
+    preparing = with_status(ftj_body(), None, [], blocked=status.prepare_verdict(
+        prep, [pod_dict("demo-prepare-a", "Running")], "preparing: tokenizing 40 samples"))
+    state, message = argo_health("finetunejob.lua", preparing)
+    assert state == "Progressing" and "preparing: tokenizing 40 samples" in message, message
+    assert kstatus(preparing) == "InProgress"
+    failed_pod = pod_dict("demo-prepare-a", "Failed", terminated={"exitCode": 3, "message": term_msg(
+        "InvalidDataset", "row 6 is empty")})
+    failed = with_status(ftj_body(), None, [], blocked=status.prepare_verdict(
+        job_dict("demo-prepare", conditions=[jcond("Failed", "PodFailurePolicy")], failed=1), [failed_pod]))
+    state, message = argo_health("finetunejob.lua", failed)
+    assert state == "Degraded" and message.startswith("InvalidDataset: the prepare stage failed, no GPU pod"), message
+    assert kstatus(failed) == "Failed"

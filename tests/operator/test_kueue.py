@@ -340,3 +340,27 @@ def test_a_two_node_job_is_one_workload_admitted_whole(cluster, ns, kueue, opera
     assert w["status"]["admission"]["podSetAssignments"][0]["resourceUsage"]["nvidia.com/gpu"] == "2"
     wait_for(lambda: len([p for p in pods(cluster, ns, "pair-train") if p["spec"].get("nodeName")]) == 2, 60,
              "both pods scheduled")
+
+
+def test_only_the_gpu_job_is_queued_the_prepare_stage_runs_while_the_quota_is_taken(cluster, ns, kueue,
+                                                                                   operator_proc):
+    """Issue #18: the CPU prepare Job holds no quota and is not queued, so a job's data is prepared
+    while the GPUs are busy with another; only its GPU Job then waits for admission."""
+    queue = queues(kueue, ns, gpus=1)
+    create_s3_secret(cluster, ns)
+    create(cluster, ns, "FineTuneJob", "busy", ftj_spec(queueName=queue))
+    wait_workload(kueue, ns, "busy-train", admitted, 60, "busy admitted")
+    run_first_pod(cluster, ns, "busy")  # the only GPU of the ClusterQueue is taken
+
+    create(cluster, ns, "FineTuneJob", "next", ftj_spec(queueName=queue, prepare={"mode": "separate",
+                                                                                    "nodeSelector": dict(RUNNER)}))
+    prep = wait_for(lambda: job(cluster, ns, "next-prepare"), 60, "Job next-prepare")
+    assert "kueue.x-k8s.io/queue-name" not in prep["metadata"]["labels"] and prep["spec"]["suspend"] is False
+    pod = wait_pod(cluster, ns, "next-prepare")
+    kubelet_run(cluster, pod)
+    wait_status(cluster, ns, "FineTuneJob", "next", lambda s: ready(s).get("reason") == "Preparing", 30)
+    assert workload_of(kueue, ns, "next-prepare") is None  # Kueue does not manage it
+    kubelet_exit(cluster, pod, 0, term_message("Prepared", "data prepared"))
+    wait_workload(kueue, ns, "next-train", lambda w: _cond(w, "QuotaReserved") == "False", 60, "next-train queued")
+    wait_status(cluster, ns, "FineTuneJob", "next", phase_is("Pending", "WaitingForAdmission"), 60)
+    assert job(cluster, ns, "next-train")["spec"]["suspend"] is True and pods(cluster, ns, "next-train") == []
