@@ -142,7 +142,8 @@ def main() -> None:
         return min(runs, key=lambda r: r["first_step_s"])
 
     result = {"model": "SmolLM2-135M-Instruct (float32, 4-bit NF4 QLoRA)", "rows": args.rows,
-              "tokens": prepares[0]["tokens"], "repeats": args.repeats, "machine": common.machine(),
+              "training_rows": prepares[0]["rows"], "tokens": prepares[0]["tokens"], "repeats": args.repeats,
+              "machine": common.machine(),
               "inline": best(before), "separate": best(after), "separate_model_cache": best(after_cache),
               "prepare_pod_s": min(p["prepare_s"] for p in prepares)}
     print(json.dumps(result, indent=1))
@@ -161,7 +162,8 @@ def write(path: Path, r: dict[str, Any]) -> None:
     saved = r["inline"]["first_step_s"] - r["separate_model_cache"]["first_step_s"]
     body = (f"## GPU-pod time to first step (prepare stage)\n\nMeasured {common.now_utc()} by "
             f"`{common.command_line()}` on {common.describe_machine(r['machine'])}: {r['model']}, "
-            f"{r['rows']} JSONL rows ({r['tokens']} tokens) and the model on a local moto S3 server; each pod a "
+            f"{r['rows']} JSONL rows ({r.get('training_rows', '?')} training samples after the row checks and the "
+            f"held-out split, {r['tokens']:,} tokens) and the model on a local moto S3 server; each pod a "
             f"fresh process and work dir, the clock from before the process starts (imports "
             f"{r['inline']['imports_s']:.1f} s) to the trainer's `training from step 0`; fastest of "
             f"{r['repeats']}. No image pull or container start (the same for every row).\n\n"
