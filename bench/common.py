@@ -163,6 +163,18 @@ def ratio(a: float | None, b: float | None) -> float | None:
 # ----------------------------------------------------------------------------------------------
 
 
+def trainer_bench() -> Any:
+    """bench/trainer.py (its data generator and template) as a module, whatever else is named
+    ``trainer`` (the repository's trainer/ folder is one)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_trainer", REPO / "bench" / "trainer.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_worker(script: Path, config: dict[str, Any], timeout: float, env: dict[str, str] | None = None,
                log_path: Path | None = None) -> dict[str, Any]:
     """Run ``script --worker JSON`` in a fresh Python; it prints one line ``RESULT {...}``.

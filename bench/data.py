@@ -25,7 +25,6 @@ tokenization of the split; docs/benchmarks.md records that check's time.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -46,19 +45,10 @@ VARIANTS = ("trl", "kubetune", "kubetune-procs")
 MAX_LENGTH = 2048
 
 
-def trainer_bench() -> Any:
-    """bench/trainer.py as a module (its data generator), whatever else is named ``trainer``."""
-    spec = importlib.util.spec_from_file_location("bench_trainer", REPO / "bench" / "trainer.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_split(fmt: str, rows: int) -> Any:
     import datasets
 
-    bt = trainer_bench()
+    bt = common.trainer_bench()
     pairs = bt.make_rows(rows * 200, 190 / 1.35, 1.0, int(4 * MAX_LENGTH / 1.35), seed=0)[:rows]
     if fmt == "text":
         return datasets.Dataset.from_dict({"text": [bt.TEMPLATE.format(**p) for p in pairs]})

@@ -33,21 +33,11 @@ import localenv  # noqa: E402
 SCRIPT = Path(__file__).resolve()
 
 
-def bench_trainer() -> Any:
-    """bench/trainer.py (its data generator and template) as a module: ``trainer`` is also a folder here."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_trainer", SCRIPT.parent / "trainer.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def spec_doc(model_uri: str, data_uri: str, out: str, endpoint: str) -> dict[str, Any]:
     return {"model": {"uri": model_uri}, "quantization": {"bits": 4},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-            "dataset": {"source": "jsonl", "uri": data_uri, "format": "template", "template": bench_trainer().TEMPLATE,
+            "dataset": {"source": "jsonl", "uri": data_uri, "format": "template",
+                        "template": common.trainer_bench().TEMPLATE,
                         "eval": {"fraction": 0.02, "maxSamples": 64}},
             "training": {"maxSteps": 10, "maxLength": 512, "batchSize": 2, "packing": "bfd",
                          "gradientCheckpointing": False, "maxTruncatedFraction": 1.0},
@@ -116,7 +106,8 @@ def main() -> None:
         common.emit_result(worker(json.loads(args.worker)))
         return
     model = localenv.smollm2_dir()
-    rows = bench_trainer().make_rows(args.rows * 200, 190 / 1.35, 1.0, int(4 * 512 / 1.35), seed=0)[:args.rows]
+    bt = common.trainer_bench()
+    rows = bt.make_rows(args.rows * 200, 190 / 1.35, 1.0, int(4 * 512 / 1.35), seed=0)[:args.rows]
     with localenv.S3Server() as s3, tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         s3.make_bucket("bench-first-step")
