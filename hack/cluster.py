@@ -123,6 +123,7 @@ KCM_CONTROLLERS = (
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 RUNNER_NODE = "runner-node"
 RUNNER_LABEL = "kubetune.dev/runner"
+RUNNER_GPU_MEMORY_MIB = "16384"  # the runner's (and the real node's) GPU memory label: a 16 GB GPU
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 
@@ -665,6 +666,7 @@ def _gpu_node(name: str) -> dict:
             "nvidia.com/gpu.present": "true",
             "nvidia.com/gpu.count": "8",
             "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+            "nvidia.com/gpu.memory": "81559",  # MiB, as GPU feature discovery labels an H100 80GB
             "node.kubernetes.io/instance-type": "kwok-gpu-8x",
         },
     )
@@ -743,7 +745,8 @@ def default_nodes(runner_taints: list[dict] | None = None) -> list[dict]:
             memory="64Gi",
             gpus=8,
             kwok=False,
-            labels={RUNNER_LABEL: "true", "nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": "8"},
+            labels={RUNNER_LABEL: "true", "nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": "8",
+                    "nvidia.com/gpu.memory": RUNNER_GPU_MEMORY_MIB},
             taints=runner_taints,
         ),
     ]

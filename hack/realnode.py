@@ -43,7 +43,8 @@ BRIDGE = "kubetune0"
 NODE_IP = "10.202.0.1"
 POD_CIDR = "10.202.0.0/24"
 NODE_GPUS = 8
-NODE_LABELS = {"kubetune.dev/runner": "true", "kubetune.dev/node": "real", "nvidia.com/gpu.present": "true"}
+NODE_LABELS = {"kubetune.dev/runner": "true", "kubetune.dev/node": "real", "nvidia.com/gpu.present": "true",
+               "nvidia.com/gpu.memory": "16384"}  # GPU feature discovery's label (MiB): the "will it fit?" check
 COREDNS_VERSION = os.environ.get("KUBETUNE_COREDNS_VERSION", "v1.12.4")
 COREDNS_PKG = "github.com/coredns/coredns"
 NODE_BINARIES = ("kubelet", "kube-proxy", "coredns")

@@ -190,6 +190,10 @@ class Resources(ApiModel):
     """A core/v1 Affinity, copied into the pod as is."""
     priority_class_name: str | None = Field(default=None, pattern=DNS_SUBDOMAIN_PATTERN)
     """PriorityClass of the pod."""
+    gpu_memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
+    """Memory of each GPU, e.g. '80Gi', for the check that the run fits before any GPU pod starts (FineTuneJob only).
+    Default: the smallest nvidia.com/gpu.memory label (GPU feature discovery) of the nodes the job
+    may run on, when the operator may read nodes; unknown skips the check."""
     nodes: int = Field(default=1, ge=1, le=64)
     """Pods the run spans, each with `gpus` GPUs and one training rank per GPU (FineTuneJob only).
     More than 1 runs an Indexed Job of this many pods that meet through a headless Service; they
@@ -375,8 +379,10 @@ class JobControls(ApiModel):
 class Quantization(ApiModel):
     """How the frozen base model is loaded. The default is QLoRA: 4-bit NF4, double quant, bf16."""
 
-    bits: Literal[4, 8, 16] = 4
-    """4 or 8 loads the base through bitsandbytes (QLoRA); 16 is plain LoRA on an unquantized base."""
+    bits: Literal["auto", 4, 8, 16] = Field(default=4, json_schema_extra={"x-kubernetes-int-or-string": True})
+    """4 or 8 loads the base through bitsandbytes (QLoRA); 16 is plain LoRA on an unquantized base
+    (faster, needs ~4x the weight memory); auto: 16 when the prepare stage's estimate says it fits the
+    GPUs the job gets with 10% to spare, else 4 (status.memory says which)."""
     type: Literal["nf4", "fp4"] = "nf4"
     """4-bit data type: nf4 (NormalFloat, the QLoRA default) or fp4."""
     double_quant: bool = True
@@ -838,6 +844,21 @@ class DataReport(ApiModel):
     same data and tokenizer reuses it instead of tokenizing again."""
 
 
+class MemoryPlan(ApiModel):
+    """Will it fit? The prepare stage's estimate of the trainer's peak GPU memory (docs/trainer.md)."""
+
+    bits: int | None = None
+    """The quantization the run loads the base with (quantization.bits auto resolved)."""
+    estimated_mib: int | None = Field(default=None, ge=0, alias="estimatedMiB")
+    """Estimated peak memory of each GPU, with the CUDA context and allocator slack (MiB)."""
+    gpu_memory_mib: int | None = Field(default=None, ge=0, alias="gpuMemoryMiB")
+    """Memory of each GPU the job gets (MiB), when known."""
+    gpu_memory_source: str | None = Field(default=None, max_length=256)
+    """Where that figure comes from (resources.gpuMemory, a node label, the GPU itself)."""
+    fits: bool | None = None
+    """Whether the estimate fits it (unset when the GPU memory is unknown)."""
+
+
 class FineTuneJobStatus(JobStatusBase):
     """Observed state of a FineTuneJob."""
 
@@ -859,6 +880,8 @@ class FineTuneJobStatus(JobStatusBase):
     """MergeJob created by spec.merge."""
     prepare_job_name: str | None = None
     """Name of the CPU-only Job of the prepare stage (spec.prepare)."""
+    memory: MemoryPlan | None = None
+    """The estimated peak GPU memory, and the quantization chosen (quantization.bits auto)."""
 
 
 class FineTuneJob(ApiModel):

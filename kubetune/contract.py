@@ -42,6 +42,11 @@ CACHE_DIR = "/var/kubetune/cache"  # HF_HOME
 # s3:// models are kept under models/<content digest>/; hub models in HF's own cache (hub/).
 MODEL_CACHE_DIR = "/var/kubetune/model-cache"
 ENV_MODEL_CACHE = "KUBETUNE_MODEL_CACHE"
+# GPU memory of the nodes a FineTuneJob may run on, read by the operator from their GPU
+# feature-discovery label (MiB), for the trainer's "will it fit?" check (kubetune_trainer.memory).
+ENV_GPU_MEMORY_MIB = "KUBETUNE_GPU_MEMORY_MIB"
+ENV_GPU_MEMORY_SOURCE = "KUBETUNE_GPU_MEMORY_SOURCE"
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 
 # Credentials, injected with secretKeyRef from the Secrets named in the spec.
 ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
@@ -62,6 +67,7 @@ EXIT_PREEMPTED = 7  # stopped on SIGTERM after saving a checkpoint; a retry resu
 EXIT_OUTPUT_CONFLICT = 8  # output.uri holds another run's result or checkpoints (another fingerprint)
 EXIT_DIVERGED = 9  # the loss became NaN/Inf or exploded: the watchdog stopped the run
 EXIT_STALLED = 10  # no training step for training.watchdog.stallSeconds: the watchdog stopped the run
+EXIT_INSUFFICIENT_GPU_MEMORY = 11  # the estimated peak memory exceeds the GPUs' (prepare stage, no GPU pod)
 
 EXIT_REASONS = {
     EXIT_INVALID_SPEC: "InvalidSpec",
@@ -73,10 +79,12 @@ EXIT_REASONS = {
     EXIT_OUTPUT_CONFLICT: "OutputConflict",
     EXIT_DIVERGED: "Diverged",
     EXIT_STALLED: "Stalled",
+    EXIT_INSUFFICIENT_GPU_MEMORY: "InsufficientGPUMemory",
 }
 # Failures that a retry cannot fix: the operator fails the job at once instead of retrying.
 PERMANENT_EXIT_CODES = (EXIT_INVALID_SPEC, EXIT_INVALID_DATASET, EXIT_INVALID_ADAPTER,
-                        EXIT_VERIFICATION_FAILED, EXIT_OUTPUT_CONFLICT, EXIT_DIVERGED, EXIT_STALLED)
+                        EXIT_VERIFICATION_FAILED, EXIT_OUTPUT_CONFLICT, EXIT_DIVERGED, EXIT_STALLED,
+                        EXIT_INSUFFICIENT_GPU_MEMORY)
 
 # The termination message (at most 4096 bytes, JSON): {"reason": str, "message": str, "result": {...}}
 # result for FineTuneJob: adapterUri, checkpointUri, reportUri, wandbUrl, progress{...}

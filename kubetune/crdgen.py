@@ -56,7 +56,7 @@ def _convert(node: Any) -> Any:
         node.pop(key, None)
     if "const" in node:
         node["enum"] = [node.pop("const")]
-    if "enum" in node and "type" not in node:
+    if "enum" in node and "type" not in node and not node.get("x-kubernetes-int-or-string"):
         node["type"] = "integer" if all(isinstance(v, int) for v in node["enum"]) else "string"
     for bound, base in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if bound in node and not isinstance(node[bound], bool):
@@ -225,7 +225,7 @@ def write(out_dir: Path) -> list[Path]:
 
 
 def _rows(schema: dict[str, Any], path: str, required: bool) -> list[str]:
-    kind = schema.get("type", "object")
+    kind = "integer or string" if schema.get("x-kubernetes-int-or-string") else schema.get("type", "object")
     if kind == "array" and isinstance(schema.get("items"), dict):
         kind = f"[]{schema['items'].get('type', 'object')}"
     facts = []

@@ -77,7 +77,7 @@ def test_valid_variants_pass(path: str, value: Any) -> None:
         ("model", {"name": "a/b", "uri": "s3://models/x"}, "exactly one of name and uri, not both"),
         ("model", {"revision": "main"}, "exactly one of name and uri"),
         ("model", {"uri": "https://example.com/model"}, "should match pattern"),
-        ("quantization", {"bits": 3}, "Input should be 4, 8 or 16"),
+        ("quantization", {"bits": 3}, "Input should be 'auto', 4, 8 or 16"),
         ("quantization", {"type": "int4"}, "'nf4' or 'fp4'"),
         ("quantization", {"computeDtype": "float64"}, "'bfloat16', 'float16' or 'float32'"),
         ("lora", {"r": 0}, "greater than 0"),

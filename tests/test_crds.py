@@ -41,7 +41,9 @@ def test_schema_is_structural_and_documented(name: str) -> None:
     for path, node in walk(schema):
         for banned in ("$ref", "$defs", "anyOf", "oneOf", "allOf", "title", "const"):
             assert banned not in node, f"{name}{path} has {banned}"
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{name}{path} has no type"
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields") \
+            or node.get("x-kubernetes-int-or-string"), f"{name}{path} has no type"
+        assert not ("type" in node and node.get("x-kubernetes-int-or-string")), f"{name}{path}: int-or-string has no type"
         assert node.get("additionalProperties") is not False, f"{name}{path}: additionalProperties false"
         if path.startswith((".spec.", ".status.")) and not path.endswith("[]") and "{}" not in path:
             assert node.get("description"), f"{name}{path} has no description"

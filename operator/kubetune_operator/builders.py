@@ -381,8 +381,41 @@ def _placement(res: api.Resources) -> dict[str, Any]:
     return out
 
 
+def gpu_memory(spec: api.FineTuneJobSpec | api.MergeJobSpec, nodes: list[dict[str, Any]]) -> tuple[int, str] | None:
+    """(MiB, where from): the memory of the GPUs a FineTuneJob may get, for the trainer's "will it
+    fit?" check -- the smallest GPU feature-discovery label (``nvidia.com/gpu.memory``, MiB) of the
+    nodes its GPU pod could run on (its nodeSelector matches, the node has ``gpus`` of its GPU
+    resource). None when resources.gpuMemory says it already, the job asks for no GPU, or no such
+    node has the label. Taints and affinity are not weighed: the smallest GPU is the safe side."""
+    if not isinstance(spec, api.FineTuneJobSpec) or spec.resources.gpus == 0 or spec.resources.gpu_memory:
+        return None
+    wanted = spec.resources.node_selector or {}
+    found: list[tuple[int, str]] = []
+    for node in nodes:
+        meta = node.get("metadata") or {}
+        node_labels = meta.get("labels") or {}
+        if any(node_labels.get(k) != v for k, v in wanted.items()):
+            continue
+        have = str(((node.get("status") or {}).get("allocatable") or {}).get(spec.resources.gpu_resource, "0"))
+        value = str(node_labels.get(contract.GPU_MEMORY_LABEL, ""))
+        if have.isdigit() and int(have) >= spec.resources.gpus and value.isdigit() and int(value) > 0:
+            found.append((int(value), meta.get("name", "?")))
+    if not found:
+        return None
+    mib, name = min(found)
+    return mib, (f"the {contract.GPU_MEMORY_LABEL} label of node {name}, the smallest of {len(found)} node(s) "
+                 f"with {spec.resources.gpus} {spec.resources.gpu_resource}")
+
+
+def gpu_memory_env(found: tuple[int, str] | None) -> list[dict[str, str]]:
+    if found is None:
+        return []
+    return [{"name": contract.ENV_GPU_MEMORY_MIB, "value": str(found[0])},
+            {"name": contract.ENV_GPU_MEMORY_SOURCE, "value": found[1]}]
+
+
 def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobSpec,
-        settings: Settings, suspend: bool) -> dict[str, Any]:
+        settings: Settings, suspend: bool, gpu: tuple[int, str] | None = None) -> dict[str, Any]:
     """The batch/v1 Job: one pod, restartPolicy Never, retries with the pod failure policy.
 
     A FineTuneJob with several ranks (docs/distributed.md): ``gpus > 1`` sets the torchrun shape in
@@ -410,6 +443,7 @@ def job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec | api.MergeJobS
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *credential_env(spec),
         *(rank_env(body, spec) if isinstance(spec, api.FineTuneJobSpec) else []),
+        *gpu_memory_env(gpu),
     ]
     pod = merge_pod_settings(settings.pod_defaults, spec.pod)
     own_env = {e.name for e in pod.env or []}
@@ -501,7 +535,8 @@ def prepare_job_name(name: str) -> str:
     return child_name(name, "prepare")
 
 
-def prepare_job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec, settings: Settings) -> dict[str, Any]:
+def prepare_job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec, settings: Settings,
+                gpu: tuple[int, str] | None = None) -> dict[str, Any]:
     """The CPU-only Job of the prepare stage (``kubetune prepare``): the trainer's pod (image, spec,
     credentials, pod settings, model cache) with spec.prepare's cpu and memory and no GPU, placed by
     spec.prepare's nodeSelector and tolerations when it sets either (a CPU pool), else like the GPU
@@ -517,7 +552,7 @@ def prepare_job(body: dict[str, Any], resolved_spec: api.FineTuneJobSpec, settin
                                       {"node_selector": res.node_selector, "tolerations": res.tolerations,
                                        "affinity": res.affinity})),
         "queue_name": None, "workload_priority_class_name": None})
-    manifest = job(body, cpu_spec, settings, suspend=False)
+    manifest = job(body, cpu_spec, settings, suspend=False, gpu=gpu)
     manifest["metadata"]["name"] = prepare_job_name(body["metadata"]["name"])
     stage = {contract.LABEL_STAGE: contract.STAGE_PREPARE}
     manifest["metadata"]["labels"].update(stage)

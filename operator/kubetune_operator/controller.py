@@ -52,6 +52,7 @@ RESYNC_FIRST = 30.0  # the first relist after start: closes the window between p
 HEARTBEAT_SECONDS = 5.0  # an idle worker beats this often (/healthz)
 WORKER_STUCK_SECONDS = 300.0  # a worker silent this long is stuck in one reconcile: /healthz fails
 CHILD_CHECK_SECONDS = 30.0  # a Job without a pod re-checks its support objects at most this often
+NODES_SECONDS = 60.0  # GPU nodes (their nvidia.com/gpu.memory label) are listed at most this often
 BACKOFF_FIRST, BACKOFF_MAX = 5.0, 300.0  # re-check of blocked resources and of failed reconciles
 WORKERS = 8
 SECRET_TTL = 10.0  # seconds a Secret seen to exist is not read again (absence is never cached)
@@ -103,6 +104,7 @@ class Controller:
     _workloads_read: dict[str, tuple[float, Any]] = field(default_factory=dict)  # Job uid -> (when, state)
     _workloads_lock: threading.Lock = field(default_factory=threading.Lock)
     _stopping: threading.Event = field(default_factory=threading.Event)
+    _nodes: tuple[float, list[dict[str, Any]] | None] = (-1e9, None)  # (when, GPU nodes with a memory label)
 
     def __post_init__(self) -> None:
         metrics.QUEUE_DEPTH.set_function(lambda: len(self.queue))
@@ -346,7 +348,8 @@ class Controller:
         if prep is None:
             try:
                 self._create_support(body, spec)
-                prep, created = self.kube.create(builders.prepare_job(body, spec, self.settings))
+                prep, created = self.kube.create(builders.prepare_job(body, spec, self.settings,
+                                                                      self._gpu_memory(spec)))
             except ApiError as err:
                 refused = status.create_refused(err.status, str(err))
                 if refused is None:
@@ -476,7 +479,8 @@ class Controller:
         in the status."""
         try:
             self._create_support(body, spec)
-            job, created = self.kube.create(builders.job(body, spec, self.settings, builders.initial_suspend(spec)))
+            job, created = self.kube.create(builders.job(body, spec, self.settings, builders.initial_suspend(spec),
+                                                         self._gpu_memory(spec)))
         except ApiError as err:
             verdict = status.create_refused(err.status, str(err))
             if verdict is None:
@@ -486,6 +490,25 @@ class Controller:
         if created:
             self.emit(body, "Normal", "JobCreated", f"created Job {job['metadata']['name']}")
         return job, None
+
+    def _gpu_memory(self, spec: Any) -> tuple[int, str] | None:
+        """builders.gpu_memory over the nodes with a GPU memory label (listed at most every
+        NODES_SECONDS). Reading nodes needs the chart's optional ClusterRole (readNodes); without
+        it the trainer's check uses resources.gpuMemory or the GPU itself."""
+        if not isinstance(spec, api.FineTuneJobSpec) or spec.resources.gpus == 0 or spec.resources.gpu_memory:
+            return None
+        when, nodes = self._nodes
+        if time.monotonic() - when > NODES_SECONDS:
+            try:
+                nodes = self.kube.list("Node", "", contract.GPU_MEMORY_LABEL)
+            except ApiError as err:
+                if err.status not in (401, 403):
+                    raise
+                if when < 0:
+                    log.info("cannot list nodes (%s): the GPU memory check uses resources.gpuMemory", err.status)
+                nodes = None
+            self._nodes = (time.monotonic(), nodes)
+        return builders.gpu_memory(spec, nodes or [])
 
     def _create_support(self, body: dict[str, Any], spec: Any | None) -> list[str]:
         """Create the four support objects at once (they are independent), and the headless Service

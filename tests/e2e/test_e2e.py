@@ -125,6 +125,9 @@ def test_finetune_then_merge(system: System) -> None:
     assert st["data"]["trainingRows"] > 0 and st["data"]["truncatedSamples"] == 0  # what the data held
     # two stages: the CPU prepare pod tokenized and stored the data, the GPU pod only read it
     assert st["prepareJobName"] == f"{name}-prepare" and "/.kubetune/prepared/" in st["data"]["preparedUri"]
+    # will it fit? the prepare stage's estimate against the node's nvidia.com/gpu.memory label (16 GiB)
+    assert st["memory"]["fits"] is True and st["memory"]["bits"] == 4 and st["memory"]["gpuMemoryMiB"] == 16384, st
+    assert "nvidia.com/gpu.memory label of node" in st["memory"]["gpuMemorySource"], st
     (prepare_pod,) = job_pods(system, name, "prepare")
     gpu_pod = job_pods(system, name)[-1]
     assert asked_for_gpus(system, name) == [gpu_pod["metadata"]["name"]]
@@ -215,6 +218,22 @@ def test_missing_model_fails_at_once_without_a_second_pod(system: System) -> Non
     assert failed["reason"] == "InvalidSpec" and "no-such-model" in failed["message"], ftj["status"]
     failed_once_in_prepare(system, name, ftj["status"])
     assert len(system.pods(f"kubetune.dev/job-name={name}")) <= 1
+
+
+def test_a_run_that_cannot_fit_fails_before_any_gpu_pod(system: System) -> None:
+    """Will it fit? (issue #18, item 5) 131072-token rows need a dense sdpa mask of 32 GiB: more than
+    the 16 GiB the runner node's GPU feature-discovery label says its GPUs have. The CPU prepare stage
+    refuses it from the model's config, says what would fit, and no GPU pod is ever made."""
+    name = "too-big"
+    system.cluster.apply(finetune(system, name, maxLength=131072), namespace=system.namespace)
+    ftj = wait_phase(system, FTJ, name, "Failed", "Succeeded")
+    failed = condition(ftj, "Failed")
+    assert failed["reason"] == "InsufficientGPUMemory", ftj["status"]
+    assert "each GPU has 16.0 GiB (the nvidia.com/gpu.memory label of node" in failed["message"], failed
+    assert "this would fit: training.maxLength 65536" in failed["message"], failed
+    memory = ftj["status"]["memory"]
+    assert memory["fits"] is False and memory["gpuMemoryMiB"] == 16384 and memory["estimatedMiB"] > 16384, memory
+    failed_once_in_prepare(system, name, ftj["status"])
 
 
 @pytest.mark.timeout(2 * RUN_TIMEOUT + 300)

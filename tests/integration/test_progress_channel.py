@@ -276,7 +276,7 @@ def test_the_policy_lets_a_pod_write_only_its_own_fields(policy_ns: dict[str, An
         assert err.status == 403, err
         message = json.loads(err.body)["message"]
         assert f"status.{field} is written by the kubetune operator only; {username} may change only " \
-               "status.stage, status.progress, status.data, status.checkpointUri, status.adapterUri, " \
+               "status.stage, status.progress, status.data, status.memory, status.checkpointUri, status.adapterUri, " \
                "status.reportUri, status.wandbUrl" in message, message
         assert f"ValidatingAdmissionPolicy '{policy_ns['policy']}'" in message
     err = refused(lambda: merge_patch(cluster, path, {"phase": "Failed", "jobName": None}, token))

@@ -233,5 +233,10 @@ def chart_rules(check_secrets: bool = True) -> list[dict[str, Any]]:
     return rules
 
 
+def nodes_rules() -> list[dict[str, Any]]:
+    """The chart's read-only node rules (readNodes, a ClusterRoleBinding)."""
+    return yaml.safe_load((REPO / "charts" / "kubetune" / "files" / "nodes-rules.yaml").read_text())
+
+
 def lease_rules() -> list[dict[str, Any]]:
     return yaml.safe_load((REPO / "charts" / "kubetune" / "files" / "leader-election-rules.yaml").read_text())

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clusterkit import OperatorProcess, chart_rules, lease_rules, wait_for
+from clusterkit import OperatorProcess, chart_rules, lease_rules, nodes_rules, wait_for
 from kobjects import FTJ_SPEC, make_body
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,6 +67,12 @@ def operator_identity(cluster: Any) -> dict[str, Any]:
     cluster.request("POST", f"{rbac}/clusterrolebindings", {
         "metadata": {"name": "kubetune-operator"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubetune-operator"},
+        "subjects": [{"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": ns}]})
+    cluster.request("POST", f"{rbac}/clusterroles", {"metadata": {"name": "kubetune-operator-nodes"},
+                                                      "rules": nodes_rules()})  # readNodes (the default)
+    cluster.request("POST", f"{rbac}/clusterrolebindings", {
+        "metadata": {"name": "kubetune-operator-nodes"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubetune-operator-nodes"},
         "subjects": [{"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": ns}]})
     cluster.request("POST", f"{rbac}/namespaces/{ns}/roles", {"metadata": {"name": "kubetune-operator-leader"},
                                                              "rules": lease_rules()})

@@ -88,3 +88,30 @@ def test_cache_keeps_the_two_jobs_of_a_resource_apart() -> None:
     assert cache.job(key, TRAIN)["metadata"]["uid"] == "u2" and cache.sizes()["jobs"] == 2
     assert cache.prune_children("Job", "team-a", {"u2"}, 10) == {key}
     assert cache.job(key, PREPARE) is None and cache.job(key)["metadata"]["uid"] == "u2"
+
+
+def node(name: str, memory: str | None, gpus: str = "8", **labels: str) -> dict[str, Any]:
+    if memory is not None:
+        labels["nvidia.com/gpu.memory"] = memory
+    return {"metadata": {"name": name, "labels": labels}, "status": {"allocatable": {"nvidia.com/gpu": gpus}}}
+
+
+def test_gpu_memory_is_the_smallest_label_of_the_nodes_the_job_may_use(ftj_body: Any) -> None:
+    """Will it fit? (item 5): the GPU memory the trainer's check compares with comes from GPU
+    feature discovery's label on the nodes the GPU pod could run on, the smallest of them."""
+    body, spec = separate(ftj_body)  # 2 GPUs on pool h100
+    nodes = [node("a", "81559", pool="h100"), node("b", "40960", pool="h100"),
+             node("c", "16384", pool="t4"),          # not selected
+             node("d", "8192", gpus="1", pool="h100"),  # too few GPUs for 2
+             node("e", None, pool="h100"), node("f", "n/a", pool="h100")]
+    mib, source = builders.gpu_memory(spec, nodes)
+    assert mib == 40960 and "node b" in source and "smallest of 2 node(s)" in source
+    env = {e["name"]: e.get("value") for e in builders.prepare_job(body, spec, SETTINGS, (mib, source))
+           ["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBETUNE_GPU_MEMORY_MIB"] == "40960" and "node b" in env["KUBETUNE_GPU_MEMORY_SOURCE"]
+    gpu_env = {e["name"] for e in builders.job(body, spec, SETTINGS, False, (mib, source))
+               ["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "KUBETUNE_GPU_MEMORY_MIB" in gpu_env  # both stages resolve quantization.bits auto alike
+    assert builders.gpu_memory(spec, [node("c", "16384", pool="t4")]) is None
+    told = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpu_memory": "24Gi"})})
+    assert builders.gpu_memory(told, nodes) is None  # resources.gpuMemory says it: the trainer reads the spec

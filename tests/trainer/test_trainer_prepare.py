@@ -14,7 +14,7 @@ import pytest
 from kubetune_trainer import data, prepare, sft
 from kubetune_trainer.runtime import InvalidDataset
 from kubetune_trainer.storage import Store
-from trainer_helpers import KUBETUNE, cli_env, make_pod, qa_rows, spec_doc
+from trainer_helpers import KUBETUNE, cli_env, make_pod, qa_rows, spec_doc, write_jsonl
 
 from kubetune import api
 
@@ -144,3 +144,39 @@ def test_prepared_data_next_to_the_output() -> None:
     assert prepare.root("s3://models/runs/a") == "s3://models/runs/.kubetune/prepared"
     assert prepare.root("s3://models/a/") == "s3://models/.kubetune/prepared"
     assert prepare.root("/tmp/out/run-1") == "/tmp/out/.kubetune/prepared"
+
+
+def test_a_run_that_cannot_fit_stops_in_prepare_before_tokenizing(
+        tiny_model_dir: Path, s3: Any, s3_env: dict[str, str], prefix: str, tmp_path: Path, store: Store) -> None:
+    """Will it fit? (issue #18, item 5) 65536-token packed rows need a dense sdpa mask of 8 GiB; the
+    job's GPUs have 4 GiB (resources.gpuMemory): `kubetune prepare` exits 11 (permanent) from the
+    model's config alone, says what would fit, and tokenizes and stores nothing."""
+    spec = job(tiny_model_dir, s3, put_jsonl(s3, prefix, "qa.jsonl", qa_rows(10)), f"s3://{prefix}/out",
+               maxLength=65536)
+    spec = spec.model_copy(update={"resources": api.Resources(gpus=1, gpu_memory="4Gi")})
+    code, message, stderr = prepare_cli(tmp_path, spec, s3_env)
+    assert code == 11, stderr[-3000:]
+    assert message["reason"] == "InsufficientGPUMemory", message
+    assert "each GPU has 4.0 GiB (resources.gpuMemory); this would fit: training.maxLength 32768" in \
+        message["message"], message
+    assert not prepared_keys(store, prefix)
+
+
+def test_auto_bits_trains_in_16_bit_when_it_fits(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """quantization.bits auto on a CPU pod with 8Gi (resources.memory): the tiny model fits with
+    room, so the base loads unquantized (16-bit LoRA: float32 on CPU); status.memory and the
+    published spec say 16."""
+    data_file = write_jsonl(tmp_path / "qa.jsonl", qa_rows(12))
+    doc = spec_doc({"name": str(tiny_model_dir)}, {"source": "jsonl", "uri": str(data_file), **TEMPLATE},
+                   "s3://unused/x", maxSteps=2)
+    doc.update(quantization={"bits": "auto"}, resources={"gpus": 0, "memory": "8Gi"}, prepare={"mode": "inline"})
+    spec = api.FineTuneJobSpec.model_validate(doc)
+    spec = spec.model_copy(update={"output": api.S3Output.model_construct(uri=str(tmp_path / "out"))})
+    ctx = make_pod(tmp_path / "work")
+    patches: list[dict[str, Any]] = []
+    ctx.reporter.patch = lambda p: patches.append(p) or True  # type: ignore[method-assign]
+    sft.train(spec, ctx)
+    (plan,) = [p["memory"] for p in patches if "memory" in p]
+    assert plan["bits"] == 16 and plan["fits"] is True and plan["gpuMemorySource"] == "resources.memory (no GPUs)"
+    published = json.loads((tmp_path / "out" / "spec.json").read_text())
+    assert published["quantization"]["bits"] == 16

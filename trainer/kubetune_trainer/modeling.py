@@ -244,13 +244,18 @@ def lora_config(lora: api.Lora) -> Any:
     )
 
 
+def varlen_kernel() -> bool:
+    """Whether this image has a varlen attention kernel (flash-attn), used on GPUs."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def attention_implementation() -> str:
     """``flash_attention_2`` when a GPU and the flash-attn package are there: with TRL's padding-free
     bfd batches it runs varlen (``cu_seq_lens``), each sample attending only to itself, no mask.
     Else ``sdpa`` (see :func:`kubetune_trainer.sft.micro_batching` for what bfd needs then)."""
-    import importlib.util
-
-    if use_cuda() and importlib.util.find_spec("flash_attn") is not None:
+    if use_cuda() and varlen_kernel():
         return "flash_attention_2"
     return "sdpa"
 

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import api, contract
-from kubetune_trainer import data, fingerprint, modeling
+from kubetune_trainer import data, fingerprint, memory, modeling
 from kubetune_trainer.distributed import Ranks
-from kubetune_trainer.runtime import PodContext
+from kubetune_trainer.runtime import InsufficientGPUMemory, PodContext
 from kubetune_trainer.storage import Store, is_s3, join, read_manifest, split_s3, verify_files, write_manifest
 
 log = logging.getLogger("kubetune.prepare")
@@ -207,6 +207,18 @@ def tokenizer_for(spec: api.FineTuneJobSpec, store: Store, work: Path, ranks: Ra
     return ranks.per_pod(lambda: modeling.resolve_model(spec.model, store, work, tokenizer_only=True))
 
 
+def fits(spec: api.FineTuneJobSpec, ctx: PodContext, model_path: str, device: int = 0) -> memory.Plan:
+    """Will it fit? The estimated peak GPU memory against the GPUs the job gets
+    (:mod:`kubetune_trainer.memory`), in status.memory; InsufficientGPUMemory, saying what would fit,
+    when it does not. Resolves ``quantization.bits: auto`` (the returned Plan's bits)."""
+    ctx.reporter.patch({"stage": "preparing: estimating the GPU memory"})
+    plan = memory.check(spec, model_path, varlen=spec.resources.gpus > 0 and modeling.varlen_kernel(), device=device)
+    ctx.reporter.patch({"memory": plan.status()})
+    if not plan.fits:
+        raise InsufficientGPUMemory(memory.refusal(plan))
+    return plan
+
+
 def run(spec: api.FineTuneJobSpec, ctx: PodContext) -> dict[str, Any]:
     """``kubetune prepare``: this stage alone, on CPUs, with the same checks and reasons as training
     (OutputConflict when output.uri holds another run's result; InvalidDataset names the row; a
@@ -220,7 +232,9 @@ def run(spec: api.FineTuneJobSpec, ctx: PodContext) -> dict[str, Any]:
     if finished is not None:
         log.info("%s is already complete: nothing to prepare (the GPU pod returns its result)", spec.output.uri)
         return {}
-    tokenizer = modeling.load_tokenizer(tokenizer_for(spec, store, ctx.work_dir, Ranks()), spec.model)
+    tokenizer_path = tokenizer_for(spec, store, ctx.work_dir, Ranks())
+    fits(spec, ctx, tokenizer_path)  # from the config alone: a run that cannot fit stops before tokenizing
+    tokenizer = modeling.load_tokenizer(tokenizer_path, spec.model)
     assistant_only, chat_template = assistant_only_loss(spec.dataset, tokenizer)
     prepared = prepare(spec, ctx, store, tokenizer, assistant_only, chat_template, inputs)
     stats = data.check_tokens(prepared.train, spec.training.max_length, spec.training.packing, assistant_only,

@@ -95,6 +95,13 @@ class VerificationFailed(KubetuneError):
     reason = "VerificationFailed"
 
 
+class InsufficientGPUMemory(KubetuneError):
+    """The run's estimated peak memory exceeds its GPUs' (kubetune_trainer.memory): permanent."""
+
+    exit_code = contract.EXIT_INSUFFICIENT_GPU_MEMORY
+    reason = "InsufficientGPUMemory"
+
+
 class Preempted(KubetuneError):
     exit_code = contract.EXIT_PREEMPTED
     reason = "Preempted"
@@ -241,7 +248,7 @@ class StatusReporter:
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 POD_FIELDS = {
-    "FineTuneJob": ("stage", "progress", "data", "checkpointUri", "adapterUri", "reportUri", "wandbUrl"),
+    "FineTuneJob": ("stage", "progress", "data", "memory", "checkpointUri", "adapterUri", "reportUri", "wandbUrl"),
     "MergeJob": ("stage", "mergedUri", "adapterUri", "verification", "samples"),
 }
 """The status fields a pod writes (the chart's progress-channel policy allows exactly these from a pod)."""

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import api, contract
-from kubetune_trainer import checkpoints, data, fingerprint, modeling, prepare, report, watchdog
+from kubetune_trainer import checkpoints, data, fingerprint, memory, modeling, prepare, report, watchdog
 from kubetune_trainer.distributed import Ranks
 from kubetune_trainer.runtime import InvalidSpec, PodContext, Preempted, StorageError
 from kubetune_trainer.storage import Store, join, read_manifest, write_manifest
@@ -96,6 +96,8 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     #      reused from storage when a retry, a resume or another job prepared the same data, else
     #      every row-level check, tokenized once, stored. Then the token checks on exactly those labels.
     tokenizer_path = prepare.tokenizer_for(spec, store, work, ranks)
+    # Will it fit? (the prepare stage checked already; inline, this is the check) bits: auto -> 4 or 16.
+    spec = memory.with_bits(spec, prepare.fits(spec, ctx, tokenizer_path, ranks.local_rank).bits)
     tokenizer = modeling.load_tokenizer(tokenizer_path, spec.model)
     assistant_only, chat_template = assistant_only_loss(spec.dataset, tokenizer)
     prepared = prepare.prepare(spec, ctx, store, tokenizer, assistant_only, chat_template, inputs, ranks)
