@@ -55,6 +55,7 @@ bench: install cluster-build ## benchmarks (CPU tables, ~1 h); results go to doc
 	$(PY) bench/trainer.py --repeats 3 --per-config-s 480 --budget-s 2400 --json-out bench/results/trainer-cpu.json --write docs/benchmarks.md
 	$(PY) bench/data.py --json-out bench/results/data.json --write docs/benchmarks.md
 	$(PY) bench/first_step.py --json-out bench/results/first-step.json --write docs/benchmarks.md
+	$(PY) bench/memory.py --json-out bench/results/memory-cpu.json --write docs/benchmarks.md
 	$(PY) bench/data_memory.py --size-mb 1100 --old-size-mb 256 --json-out bench/results/data-memory.json --write docs/benchmarks.md
 	$(PY) bench/merge.py --json-out bench/results/merge.json
 	$(PY) bench/merge.py --model llama-1b --repeats 2 --dtype bfloat16 --storage local --no-io --timeout 1500 --json-out bench/results/merge-1b-after.json

@@ -43,7 +43,7 @@ def test_schema_is_structural_and_documented(name: str) -> None:
             assert banned not in node, f"{name}{path} has {banned}"
         assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields") \
             or node.get("x-kubernetes-int-or-string"), f"{name}{path} has no type"
-        assert not ("type" in node and node.get("x-kubernetes-int-or-string")), f"{name}{path}: int-or-string has no type"
+        assert not ("type" in node and node.get("x-kubernetes-int-or-string")), f"{name}{path}: int-or-string, typed"
         assert node.get("additionalProperties") is not False, f"{name}{path}: additionalProperties false"
         if path.startswith((".spec.", ".status.")) and not path.endswith("[]") and "{}" not in path:
             assert node.get("description"), f"{name}{path} has no description"

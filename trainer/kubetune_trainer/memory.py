@@ -13,7 +13,8 @@ GPU is asked for (docs/trainer.md, "Will it fit?").
   (float32 in k-bit training: the up-cast embeddings keep the residual stream in float32) plus
   one layer recomputed in the backward pass, 20 hidden-size and 12 intermediate-size values of the
   compute dtype; without it, every layer keeps that much. TRL computes the loss over the output
-  head in chunks: no vocabulary-sized term per token (fitted: ~0).
+  head in tiles of 4096 tokens x 32768 vocabulary: nothing the GPU fit can see; on CPU (torch ops,
+  no Triton) ~8.3 float32 values a tile cell.
 * **mask**: sdpa over a packed (bfd) row builds a dense (tokens x tokens) mask.
 
 The per-token coefficients were fitted on three H100 peaks (``torch.cuda.max_memory_allocated``,
@@ -38,6 +39,10 @@ GiB = 2**30
 RESERVE = GiB  # CUDA context + workspaces + allocator slack, on top of the estimate
 AUTO_MARGIN = 1.10  # bits: auto picks 16-bit only with this much room to spare
 HIDDEN_VALUES, INTERMEDIATE_VALUES = 20, 12  # per token, one layer's working set (fitted, see module doc)
+# TRL's fused LM head scores [4096 tokens x 32768 vocabulary] tiles, never the whole logits. On a GPU
+# (Triton) that adds nothing the fit can see; on CPU (torch ops) a tile costs ~8.3 float32 values a
+# cell (fitted on the tiny model, bench/memory.py; the SmolLM2 rows check it).
+HEAD_TILE_TOKENS, HEAD_TILE_VOCAB, HEAD_TILE_CPU_BYTES = 4096, 32768, 8.3 * 4
 OPTIMIZER_STATE_BYTES = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0, "adafactor": 0}  # else 8 (AdamW)
 QUANT_BYTES = {4: 0.5, 8: 1.0, 16: 2.0}
 QUANT_CONSTANTS = {True: 0.127 / 8, False: 0.5 / 8}  # bytes a weight: double quant, plain absmax (4-bit)
@@ -69,6 +74,7 @@ class Setup:
     compute_bytes: int = 2  # bf16/fp16 mixed precision on GPUs; 4 on CPU
     optimizer_state: int = 8
     shards: int = 1  # FSDP ranks sharing the weights
+    on_gpu: bool = True
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,9 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     per_token = (shape.layers * shape.hidden * residual + layer if setup.checkpointing
                  else shape.layers * (shape.hidden * residual + layer))
     mask = setup.row_tokens ** 2 * 2 * (setup.tokens // max(setup.row_tokens, 1)) if setup.mask else 0
-    return Estimate(int(weights), int(adapter), int(per_token * setup.tokens), int(mask))
+    head = 0 if setup.on_gpu else (min(setup.tokens, HEAD_TILE_TOKENS) * min(shape.vocab, HEAD_TILE_VOCAB)
+                                   * HEAD_TILE_CPU_BYTES)
+    return Estimate(int(weights), int(adapter), int(per_token * setup.tokens + head), int(mask))
 
 
 def shape_of(config: Any, lora: api.Lora, trust_remote_code: bool = False) -> Shape:
@@ -160,7 +168,7 @@ def setup_for(spec: api.FineTuneJobSpec, bits: int, varlen: bool, on_gpu: bool, 
         row_tokens=rows * t.max_length if packed else t.max_length,
         mask=not varlen and t.packing != "wrapped", checkpointing=t.gradient_checkpointing,
         compute_bytes=2 if on_gpu and t.bf16 else 4,
-        optimizer_state=OPTIMIZER_STATE_BYTES.get(t.optimizer, 8), shards=shards,
+        optimizer_state=OPTIMIZER_STATE_BYTES.get(t.optimizer, 8), shards=shards, on_gpu=on_gpu,
     )
 
 
