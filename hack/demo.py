@@ -88,10 +88,12 @@ def install_crds(kubeconfig: Path | str) -> None:
 
 def chart_cluster_role(name: str = OPERATOR_ROLE) -> dict[str, Any]:
     """The operator's ClusterRole with the chart's exact rules (charts/kubetune/files/), with
-    checkSecrets (the chart's default where it is scoped to namespaces, as the demo is)."""
+    checkSecrets (the chart's default where it is scoped to namespaces, as the demo is) and readNodes
+    (the default: the nodes' GPU memory label for the prepare stage's "will it fit?" check)."""
     files = REPO / "charts" / "kubetune" / "files"
     rules = [*yaml.safe_load((files / "clusterrole-rules.yaml").read_text()),
-             *yaml.safe_load((files / "secrets-rules.yaml").read_text())]
+             *yaml.safe_load((files / "secrets-rules.yaml").read_text()),
+             *yaml.safe_load((files / "nodes-rules.yaml").read_text())]
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
             "rules": rules}
 

@@ -170,14 +170,20 @@ def _rules_file(name: str) -> Any:
 
 @pytest.mark.integration
 def test_helm_default_is_scoped_to_the_release_namespace():
-    """Least privilege by default: no ClusterRoleBinding; the ClusterRole bound in the release's own
-    namespace only, the operator watching it, and Secrets checked (scoped, so on)."""
+    """Least privilege by default: the ClusterRole bound in the release's own namespace only, the
+    operator watching it, and Secrets checked (scoped, so on). The one ClusterRoleBinding grants
+    listing nodes and nothing else (readNodes: their GPU memory label); readNodes=false drops it."""
     docs = _render()
-    assert not any(d["kind"] == "ClusterRoleBinding" for d in docs)
+    (cluster_binding,) = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    assert cluster_binding["roleRef"]["name"] == "kt-kubetune-nodes"
+    nodes_role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "kt-kubetune-nodes")
+    assert nodes_role["rules"] == _rules("nodes-rules.yaml") == [{"apiGroups": [""], "resources": ["nodes"],
+                                                                  "verbs": ["list"]}]
+    assert not any(d["kind"] == "ClusterRoleBinding" for d in _render("readNodes=false"))
     bindings = [d for d in docs if d["kind"] == "RoleBinding" and d["roleRef"]["kind"] == "ClusterRole"]
     assert [(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in bindings] == [("kubetune-system",
                                                                                        "kt-kubetune")]
-    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "kt-kubetune")
     assert role["rules"] == _rules("clusterrole-rules.yaml") + _rules("secrets-rules.yaml")
     args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=kubetune-system" in args and "--all-namespaces" not in args
@@ -208,7 +214,7 @@ def test_helm_render_watch_namespaces_and_service_monitor():
                    "leaderElection.enabled=false")
     kinds = [(d["kind"], d["metadata"].get("namespace")) for d in docs]
     assert ("RoleBinding", "team-a") in kinds and ("RoleBinding", "team-b") in kinds
-    assert not any(k == "ClusterRoleBinding" for k, _ in kinds)
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"] == ["kt-kubetune-nodes"]
     assert not any(d["kind"] == "Role" for d in docs)
     dep = next(d for d in docs if d["kind"] == "Deployment")
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
