@@ -130,7 +130,7 @@ def test_pod_failure_policy_permanent_codes_fail_preemption_ignored(ftj_body):
     policy = builders.job(body, _spec(body), SETTINGS, suspend=False)["spec"]["podFailurePolicy"]
     assert policy == {"rules": [
         {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
-                                              "values": [2, 3, 5, 6, 8, 9, 10]}},
+                                              "values": [2, 3, 5, 6, 8, 9, 10, 11]}},
         {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [7]}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}
