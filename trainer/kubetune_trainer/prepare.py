@@ -233,7 +233,6 @@ def run(spec: api.FineTuneJobSpec, ctx: PodContext) -> dict[str, Any]:
         log.info("%s is already complete: nothing to prepare (the GPU pod returns its result)", spec.output.uri)
         return {}
     tokenizer_path = tokenizer_for(spec, store, ctx.work_dir, Ranks())
-    fits(spec, ctx, tokenizer_path)  # from the config alone: a run that cannot fit stops before tokenizing
     tokenizer = modeling.load_tokenizer(tokenizer_path, spec.model)
     assistant_only, chat_template = assistant_only_loss(spec.dataset, tokenizer)
     prepared = prepare(spec, ctx, store, tokenizer, assistant_only, chat_template, inputs)
@@ -241,6 +240,7 @@ def run(spec: api.FineTuneJobSpec, ctx: PodContext) -> dict[str, Any]:
                               max_truncated_fraction=spec.training.max_truncated_fraction)
     report = data_report(prepared, stats)
     ctx.reporter.patch({"data": report})
+    fits(spec, ctx, tokenizer_path)  # from the config alone, after the data's own checks
     if spec.model.uri and os.environ.get(contract.ENV_MODEL_CACHE):  # the model moves once, before any GPU waits
         ctx.reporter.patch({"stage": "preparing: staging the base model in the model cache"})
         modeling.resolve_model(spec.model, store, ctx.work_dir)

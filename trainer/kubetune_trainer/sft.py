@@ -96,8 +96,6 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     #      reused from storage when a retry, a resume or another job prepared the same data, else
     #      every row-level check, tokenized once, stored. Then the token checks on exactly those labels.
     tokenizer_path = prepare.tokenizer_for(spec, store, work, ranks)
-    # Will it fit? (the prepare stage checked already; inline, this is the check) bits: auto -> 4 or 16.
-    spec = memory.with_bits(spec, prepare.fits(spec, ctx, tokenizer_path, ranks.local_rank).bits)
     tokenizer = modeling.load_tokenizer(tokenizer_path, spec.model)
     assistant_only, chat_template = assistant_only_loss(spec.dataset, tokenizer)
     prepared = prepare.prepare(spec, ctx, store, tokenizer, assistant_only, chat_template, inputs, ranks)
@@ -108,6 +106,8 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
                               max_truncated_fraction=spec.training.max_truncated_fraction)
     data_stats = prepare.data_report(prepared, stats)
     ctx.reporter.patch({"data": data_stats})
+    # Will it fit? (the prepare stage checked already; inline, this is the check) bits: auto -> 4 or 16.
+    spec = memory.with_bits(spec, prepare.fits(spec, ctx, tokenizer_path, ranks.local_rank).bits)
 
     # 4. Base model + LoRA.
     ctx.reporter.patch({"stage": f"loading model {spec.model.display()}"})
