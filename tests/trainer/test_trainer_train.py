@@ -87,7 +87,8 @@ def test_qlora_bfd_from_s3_to_s3(tiny_model_dir: Path, s3: Any, s3_env: dict[str
     assert [p["stage"] for p in reporter.patches if "stage" in p] == [
         f"preparing: loading dataset s3://{prefix}/data/qa.jsonl",
         f"preparing: tokenizing {manifest['data']['trainingRows']} samples", "preparing: storing the tokenized data",
-        f"loading model {model_uri}", "training from step 0", "uploading the adapter and report"]
+        "preparing: estimating the GPU memory", f"loading model {model_uri}", "training from step 0",
+        "uploading the adapter and report"]
     assert not [p for p in reporter.patches if "message" in p]
     # what the data holds reaches the status before training starts, as the report has it
     assert [p["data"] for p in reporter.patches if "data" in p] == [manifest["data"]]
