@@ -92,6 +92,36 @@ class TokenSecretRef(ApiModel):
     """Key inside the Secret that holds the token."""
 
 
+class LocalObjectRef(ApiModel):
+    """A reference to an object in the same namespace."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    """Name of the object (same namespace)."""
+
+
+class AdapterFrom(ApiModel):
+    """A trained adapter to continue (chaining: an SFT run, then DPO on its adapter)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("has(self.fineTuneJobRef) != has(self.uri)",
+                    "set exactly one of model.adapterFrom.fineTuneJobRef and model.adapterFrom.uri")
+            ]
+        }
+    )
+
+    fine_tune_job_ref: LocalObjectRef | None = Field(default=None, alias="fineTuneJobRef")
+    """A FineTuneJob in the same namespace: its adapter, once it succeeded (the job waits for it)."""
+    uri: S3Uri | None = None
+    """s3:// folder of a PEFT adapter (a kubetune adapter, or any LoRA adapter of this base)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AdapterFrom:
+        _one_of(self, "fine_tune_job_ref", "uri", "model.adapterFrom")
+        return self
+
+
 class ModelSource(ApiModel):
     """Where the base model comes from: a Hugging Face id or an s3:// folder."""
 
@@ -113,6 +143,10 @@ class ModelSource(ApiModel):
     """Allow the model's own Python code to run. Leave false unless you trust the repository."""
     secret_ref: TokenSecretRef | None = None
     """Secret with a Hugging Face token (key 'token' by default) for gated or private models."""
+    adapter_from: AdapterFrom | None = None
+    """Continue training this adapter instead of a new one (FineTuneJob only): e.g. DPO after SFT. The
+    policy starts from it; for DPO the reference is the same base with the adapter as it was at the
+    start (one copy of the base in memory). lora's r and targets are the adapter's own."""
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
@@ -449,7 +483,7 @@ class Dataset(ApiModel):
                 cel(
                     "self.format != 'template' || has(self.template)",
                     "dataset.template is required when dataset.format is template",
-                )
+                ),
             ]
         }
     )
@@ -462,9 +496,11 @@ class Dataset(ApiModel):
     """Split to train on (huggingface datasets with several splits)."""
     eval: EvalSplit | None = None
     """Held-out evaluation data."""
-    format: Literal["text", "template", "promptCompletion", "messages"] = "text"
+    format: Literal["text", "template", "promptCompletion", "messages", "preference"] = "text"
     """text: one column used as is; template: a format string over columns; promptCompletion:
-    loss on the completion only; messages: a chat conversation rendered by the chat template."""
+    loss on the completion only; messages: a chat conversation rendered by the chat template;
+    preference (method dpo): a prompt and a chosen and a rejected answer, each a string or a list of
+    messages (rendered by the chat template)."""
     text_field: str = Field(default="text", min_length=1)
     """Column used by the text format."""
     template: str | None = Field(default=None, min_length=1, max_length=65536)
@@ -473,6 +509,10 @@ class Dataset(ApiModel):
     """Prompt column of the promptCompletion format."""
     completion_field: str = Field(default="completion", min_length=1)
     """Completion column of the promptCompletion format."""
+    chosen_field: str = Field(default="chosen", min_length=1)
+    """Preferred answer column of the preference format."""
+    rejected_field: str = Field(default="rejected", min_length=1)
+    """Dispreferred answer column of the preference format."""
     messages_field: str = Field(default="messages", min_length=1)
     """Column of the messages format: a list of messages (or a JSON string of one), each with a role
     (system, developer, user, assistant or tool) and content; tool_calls, name, tool_call_id and
@@ -678,8 +718,35 @@ class Prepare(ApiModel):
     """Tolerations of the prepare pod (see nodeSelector)."""
 
 
+class Dpo(ApiModel):
+    """Direct Preference Optimization (TRL's DPOTrainer): the policy learns to prefer each pair's
+    chosen answer over its rejected one, relative to the reference (the base with the adapter as it
+    was at the start: model.adapterFrom's, or none)."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("!has(self.labelSmoothing) || self.labelSmoothing < 0.5", "dpo.labelSmoothing must be below 0.5")]})
+
+    beta: float = Field(default=0.1, gt=0, le=10)
+    """How far the policy may move from the reference (higher: less)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+                       "sigmoid_norm"] = "sigmoid"
+    """sigmoid: the DPO paper's loss; ipo, hinge, robust (with labelSmoothing), bco_pair, sppo_hard,
+    apo_zero, apo_down, sigmoid_norm: TRL's variants."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    """robust: the probability that a pair's preference is flipped (below 0.5)."""
+    max_prompt_length: int | None = Field(default=None, ge=1)
+    """Longest prompt in tokens; a longer one fails the run before training, naming the rows.
+    Default: training.maxLength - 1 (every pair keeps at least one answer token)."""
+
+    @model_validator(mode="after")
+    def _smoothing(self) -> Dpo:
+        if self.label_smoothing >= 0.5:
+            raise ValueError("dpo.labelSmoothing must be below 0.5")
+        return self
+
+
 class FineTuneJobSpec(JobControls):
-    """A packed QLoRA supervised fine-tuning run."""
+    """A packed QLoRA supervised fine-tuning run, or preference tuning (spec.method dpo)."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -688,6 +755,15 @@ class FineTuneJobSpec(JobControls):
                     "!(has(self.training.earlyStopping) || (has(self.training.keepBest) && self.training.keepBest))"
                     " || has(self.dataset.eval)",
                     "training.earlyStopping and training.keepBest need evaluation data: set dataset.eval",
+                ),
+                cel(
+                    "(has(self.method) && self.method == 'dpo') == (has(self.dataset.format)"
+                    " && self.dataset.format == 'preference')",
+                    "method dpo trains on dataset.format preference (prompt, chosen, rejected), and only it does",
+                ),
+                cel(
+                    "!has(self.dpo) || (has(self.method) && self.method == 'dpo')",
+                    "spec.dpo configures method dpo: set method: dpo, or remove spec.dpo",
                 ),
                 cel(
                     "!has(self.resources.nodes) || self.resources.nodes == 1 || !has(self.resources.gpus)"
@@ -705,6 +781,12 @@ class FineTuneJobSpec(JobControls):
         }
     )
 
+    method: Literal["sft", "dpo"] = "sft"
+    """sft: supervised fine-tuning on text, templates, prompt/completion pairs or conversations;
+    dpo: preference tuning on prompt/chosen/rejected pairs (dataset.format preference, settings in
+    spec.dpo), usually continuing an SFT run's adapter (model.adapterFrom)."""
+    dpo: Dpo | None = None
+    """Settings of method dpo (defaults when unset)."""
     model: ModelSource
     """Base model."""
     quantization: Quantization = Field(default_factory=Quantization, json_schema_extra=EMPTY_DEFAULT)
@@ -736,6 +818,18 @@ class FineTuneJobSpec(JobControls):
         if (self.training.early_stopping is not None or self.training.keep_best) and self.dataset.eval is None:
             raise ValueError("training.earlyStopping and training.keepBest need evaluation data: set dataset.eval")
         return self
+
+    @model_validator(mode="after")
+    def _method(self) -> FineTuneJobSpec:
+        if (self.method == "dpo") != (self.dataset.format == "preference"):
+            raise ValueError("method dpo trains on dataset.format preference (prompt, chosen, rejected), and only "
+                             "it does")
+        if self.dpo is not None and self.method != "dpo":
+            raise ValueError("spec.dpo configures method dpo: set method: dpo, or remove spec.dpo")
+        return self
+
+    def dpo_settings(self) -> Dpo:
+        return self.dpo or Dpo()
 
     @model_validator(mode="after")
     def _ranks(self) -> FineTuneJobSpec:
@@ -770,6 +864,17 @@ class Progress(ApiModel):
     """exp(evalLoss): perplexity on the evaluation samples."""
     learning_rate: float | None = None
     """Current learning rate."""
+    reward_accuracy: float | None = None
+    """method dpo: the share of pairs whose chosen answer the policy rewards above the rejected one
+    (latest logged steps; 0.5 is chance)."""
+    reward_margin: float | None = None
+    """method dpo: mean reward of the chosen answers minus the rejected ones."""
+    reward_chosen: float | None = None
+    """method dpo: mean reward (beta x log-ratio to the reference) of the chosen answers."""
+    reward_rejected: float | None = None
+    """method dpo: mean reward of the rejected answers."""
+    eval_reward_accuracy: float | None = None
+    """method dpo: rewardAccuracy on the evaluation pairs."""
     tokens_per_second: float | None = None
     """Training throughput in tokens per second."""
     eta_seconds: int | None = Field(default=None, ge=0)
@@ -901,13 +1006,6 @@ class FineTuneJob(ApiModel):
 # ----------------------------------------------------------------------------------------------
 
 
-class LocalObjectRef(ApiModel):
-    """A reference to an object in the same namespace."""
-
-    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
-    """Name of the object (same namespace)."""
-
-
 class MergeSource(ApiModel):
     """The adapter to merge and the base it was trained on."""
 
@@ -932,6 +1030,8 @@ class MergeSource(ApiModel):
     @model_validator(mode="after")
     def _exactly_one(self) -> MergeSource:
         _one_of(self, "fine_tune_job_ref", "adapter_uri", "source")
+        if self.base_model is not None and self.base_model.adapter_from is not None:
+            raise ValueError("source.baseModel.adapterFrom is for FineTuneJobs: a MergeJob merges source's adapter")
         return self
 
 
