@@ -458,6 +458,9 @@ def required_columns(spec: api.Dataset) -> dict[str, str]:
         return {field: "a field of dataset.template" for field in template_fields(spec.template or "")}
     if spec.format == "promptCompletion":
         return {spec.prompt_field: "dataset.promptField", spec.completion_field: "dataset.completionField"}
+    if spec.format == "preference":
+        return {spec.prompt_field: "dataset.promptField", spec.chosen_field: "dataset.chosenField",
+                spec.rejected_field: "dataset.rejectedField"}
     return {spec.messages_field: "dataset.messagesField"}
 
 
@@ -620,6 +623,13 @@ class RowFormatter:
         elif spec.format == "template":
             self.inputs, self.outputs = self.fields, ["text"]
             self.checks = [_Problems("dataset.template fields must have values")]
+        elif spec.format == "preference":
+            self.inputs = [spec.prompt_field, spec.chosen_field, spec.rejected_field]
+            self.outputs = ["prompt", "chosen", "rejected", "conversational"]
+            self.checks = [_Problems(f"columns {', '.join(map(repr, self.inputs))} must hold strings, or lists of "
+                                     "messages (the same kind in a row)"),
+                           _Problems("each pair needs a chosen and a rejected answer that differ")]
+            self.kind: str | None = None  # text or messages: the first good row decides, the others follow
         else:
             tools = [spec.tools_field] if spec.tools_field in raw.columns else []
             self.inputs, self.outputs = [spec.messages_field, *tools], ["messages", *(["tools"] if tools else [])]
@@ -655,6 +665,8 @@ class RowFormatter:
                     out[name].append(value)
         elif self.format == "template":
             self._template(values, indices, out["text"])
+        elif self.format == "preference":
+            self._pairs(values, indices, out)
         else:
             self._conversations(values, indices, out)
         return out
@@ -699,6 +711,56 @@ class RowFormatter:
             if tools is not None:
                 self.has_tools = self.has_tools or checked_tools is not None
                 out["tools"].append(None if checked_tools is None else json.dumps(checked_tools, ensure_ascii=False))
+
+    def _pairs(self, values: dict[str, list[Any]], indices: list[int], out: dict[str, list[Any]]) -> None:
+        """preference rows: prompt, chosen and rejected all strings (text: the answers follow the
+        prompt as they are, EOS added) or all lists of messages (conversational: the prompt's
+        turns, then one assistant answer each, rendered by the chat template); answers that are
+        empty, or the same, teach no preference."""
+        columns = [values[c] for c in self.inputs]
+        for i, row in enumerate(indices):
+            prompt, chosen, rejected = (column[i] for column in columns)
+            absent = [name for name, v in zip(self.inputs, (prompt, chosen, rejected), strict=True)
+                      if v is MISSING or v is None]
+            if absent:
+                self.checks[0].add(f"row {row} has no {' and no '.join(map(repr, absent))}")
+                continue
+            if any(isinstance(v, str) for v in (prompt, chosen, rejected)) and \
+                    not all(isinstance(v, str) for v in (prompt, chosen, rejected)):
+                self.checks[0].add(f"row {row} mixes strings and lists of messages")
+                continue
+            if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
+                kind, parts = "text", [prompt, chosen, rejected]
+                empty = [name for name, v in (("chosen", chosen), ("rejected", rejected)) if not v.strip()]
+            else:
+                checked = [check_messages(v, row) for v in (prompt, chosen, rejected)]
+                problem = next((c for c in checked if isinstance(c, str)), None)
+                if problem is not None:
+                    self.checks[0].add(f"{problem} (columns {', '.join(self.inputs)}: strings or lists of messages)")
+                    continue
+                answers = [c for c in checked[1:] if isinstance(c, list)]
+                wrong = [n for n, a in zip(("chosen", "rejected"), answers, strict=True) if a[0]["role"] != "assistant"]
+                if wrong:
+                    self.checks[0].add(f"row {row}: {' and '.join(wrong)} must start with an assistant message")
+                    continue
+                kind = "messages"
+                parts = [json.dumps(c, ensure_ascii=False) for c in checked]
+                empty = [n for n, a in zip(("chosen", "rejected"), answers, strict=True)
+                         if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in a)]
+            if self.kind is None:
+                self.kind = kind
+            if kind != self.kind:
+                self.checks[0].add(f"row {row} is {kind} but earlier rows are {self.kind}")
+                continue
+            if empty:
+                self.checks[1].add(f"row {row} has an empty {' and '.join(empty)} answer")
+                continue
+            if parts[1] == parts[2]:
+                self.checks[1].add(f"row {row}: chosen and rejected are the same answer")
+                continue
+            for name, value in zip(("prompt", "chosen", "rejected"), parts, strict=True):
+                out[name].append(value)
+            out["conversational"].append(kind)
 
     def finish(self) -> None:
         """Raise the first failing check (in the order of the columns), as InvalidDataset."""
@@ -778,6 +840,8 @@ def _tokenize_batch(batch: dict[str, list[Any]], indices: list[int], tokenizer: 
     (``{% generation %}``) or on everything. A conversation the template cannot render is named by
     its row (``indices``) in an InvalidDataset."""
     eos = tokenizer.eos_token or ""
+    if "chosen" in batch:
+        return _tokenize_pairs(batch, indices, tokenizer, chat_template)
     if "text" in batch:
         texts = [t if t.endswith(eos) else t + eos for t in batch["text"]]
         ids = tokenizer(texts)["input_ids"]
@@ -827,6 +891,94 @@ def _tokenize_batch(batch: dict[str, list[Any]], indices: list[int], tokenizer: 
         for i, row_ids, mask in zip(members, out["input_ids"], masks, strict=True):
             all_ids[i], all_labels[i] = row_ids, _labelled(row_ids, mask)
     return {"input_ids": all_ids, "labels": all_labels}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _tokenize_pairs(batch: dict[str, list[Any]], indices: list[int], tokenizer: Any,
+                    chat_template: str | None) -> dict[str, list[Any]]:
+    """TRL's DPO tokenization (``DPOTrainer._prepare_dataset``), batched: text answers get EOS; the
+    prompt is what the tokenized prompt and both tokenized prompt+answer share (conversational: the
+    chat template, the prompt with the generation prompt)."""
+    eos = tokenizer.eos_token or ""
+    out: dict[str, list[Any]] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    if all(kind == "text" for kind in batch["conversational"]):
+        chosen = [c if c.endswith(eos) else c + eos for c in batch["chosen"]]
+        rejected = [r if r.endswith(eos) else r + eos for r in batch["rejected"]]
+        prompts = tokenizer(batch["prompt"])["input_ids"]
+        with_chosen = tokenizer([p + c for p, c in zip(batch["prompt"], chosen, strict=True)])["input_ids"]
+        with_rejected = tokenizer([p + r for p, r in zip(batch["prompt"], rejected, strict=True)])["input_ids"]
+    else:
+        from jinja2 import TemplateError
+
+        def render(chats: list[Any], generation: bool = False) -> list[list[int]]:
+            try:
+                return tokenizer.apply_chat_template(chats, tokenize=True, return_dict=True,
+                                                     chat_template=chat_template,
+                                                     add_generation_prompt=generation)["input_ids"]
+            except (TemplateError, TypeError, ValueError, KeyError) as err:
+                raise InvalidDataset(f"the chat template cannot render the preference rows {indices[0]}-"
+                                     f"{indices[-1]}: {type(err).__name__}: {err}") from err
+
+        prompt_turns = [json.loads(p) for p in batch["prompt"]]
+        prompts = render(prompt_turns, generation=True)
+        with_chosen = render([p + json.loads(c) for p, c in zip(prompt_turns, batch["chosen"], strict=True)])
+        with_rejected = render([p + json.loads(r) for p, r in zip(prompt_turns, batch["rejected"], strict=True)])
+    for p, c, r in zip(prompts, with_chosen, with_rejected, strict=True):
+        shared = min(_common_prefix(p, c), _common_prefix(p, r))
+        out["prompt_ids"].append(list(p[:shared]))
+        out["chosen_ids"].append(list(c[shared:]))
+        out["rejected_ids"].append(list(r[shared:]))
+    return out
+
+
+@dataclass
+class PairStats:
+    pairs: int
+    tokens: int  # prompt + chosen + rejected, before truncation
+    truncated: int  # pairs whose prompt + longer answer exceeds maxLength (cut at maxLength, keep_start)
+    truncated_tokens: int
+    longest_prompt: int
+
+
+def check_pairs(tokenized: Any, max_length: int, max_prompt_length: int | None,
+                max_truncated_fraction: float = 0.05) -> PairStats:
+    """The token checks of preference pairs: a prompt longer than ``max_prompt_length`` (default
+    maxLength - 1: an answer must keep a token) fails, naming the rows; pairs cut at maxLength (the
+    prompt and the longer answer, TRL's keep_start truncation) fail above maxTruncatedFraction."""
+    limit = max_prompt_length or max_length - 1
+    pairs = tokens = cut_tokens = longest = 0
+    long_prompts: list[int] = []
+    cut_rows: list[int] = []
+    for batch in tokenized.iter(batch_size=10_000):
+        for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], strict=True):
+            if len(p) > limit:
+                long_prompts.append(pairs)
+            over = len(p) + max(len(c), len(r)) - max_length
+            if over > 0:
+                cut_rows.append(pairs)
+                cut_tokens += over
+            pairs += 1
+            tokens += len(p) + len(c) + len(r)
+            longest = max(longest, len(p))
+    if long_prompts:
+        rows = ", ".join(map(str, long_prompts[:MAX_LISTED])) + (
+            f" (and {len(long_prompts) - MAX_LISTED} more)" if len(long_prompts) > MAX_LISTED else "")
+        raise InvalidDataset(
+            f"{len(long_prompts)} of {pairs} prompts are longer than {limit} tokens ("
+            f"{'dpo.maxPromptLength' if max_prompt_length else 'training.maxLength - 1'}; longest {longest}): "
+            f"training split rows {rows}; shorten them, or raise training.maxLength")
+    if len(cut_rows) > max_truncated_fraction * pairs:
+        rows = ", ".join(map(str, cut_rows[:MAX_LISTED])) + (
+            f" (and {len(cut_rows) - MAX_LISTED} more)" if len(cut_rows) > MAX_LISTED else "")
+        raise InvalidDataset(
+            f"{len(cut_rows)} of {pairs} pairs ({len(cut_rows) / pairs:.1%}) are longer than training.maxLength="
+            f"{max_length} tokens (prompt + answer) and would be truncated, cutting {cut_tokens} tokens; training "
+            f"split rows {rows}. That is more than training.maxTruncatedFraction={max_truncated_fraction:g}: raise "
+            "training.maxLength, shorten the answers, or raise training.maxTruncatedFraction")
+    return PairStats(pairs, tokens, len(cut_rows), cut_tokens, longest)
 
 
 def tokenize(ds: Any, tokenizer: Any, assistant_only: bool = False, chat_template: str | None = None,

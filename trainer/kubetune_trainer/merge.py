@@ -219,8 +219,8 @@ def resolve_base(given: api.ModelSource | None, adapter_manifest: dict[str, Any]
                     given.display())
         return given
     try:
-        trained_on = api.ModelSource.model_validate(trained)
-    except ValidationError as err:
+        trained_on = api.ModelSource.model_validate(trained).model_copy(update={"adapter_from": None})  # continued:
+    except ValidationError as err:  # the adapter holds the one it continued (model.adapterFrom), merged as one
         raise InvalidAdapter(f"the manifest of {adapter_uri} has an invalid spec.model: {err}") from err
     if given is not None and not same_model(given, trained_on):
         raise InvalidAdapter(

@@ -67,6 +67,40 @@ def download_model(store: Store, uri: str, dest: Path, tokenizer_only: bool = Fa
     return dest
 
 
+def resolve_adapter(source: api.ModelSource, store: Store, work_dir: Path) -> Path | None:
+    """model.adapterFrom as a local PEFT adapter folder (None when unset). The operator turns a
+    fineTuneJobRef into that job's adapter uri before the pod starts; a folder that does not exist,
+    or holds no adapter_config.json, is InvalidSpec."""
+    ref = source.adapter_from
+    if ref is None:
+        return None
+    if ref.uri is None:
+        raise InvalidSpec("model.adapterFrom.fineTuneJobRef is resolved by the operator into the job's adapter; "
+                          "outside a cluster set model.adapterFrom.uri")
+    dest = work_dir / "adapter-from"
+    try:
+        rels = store.list(ref.uri)
+    except NotFound as err:
+        raise InvalidSpec(f"model.adapterFrom.uri {ref.uri}: {err}") from err
+    if "adapter_config.json" not in rels:
+        raise InvalidSpec(f"model.adapterFrom.uri {ref.uri} holds no PEFT adapter (no adapter_config.json)")
+    dest.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(store.workers) as pool:
+        list(pool.map(lambda r: store.download_file(join(ref.uri, r), dest / r), rels))
+    return dest
+
+
+def continue_adapter(model: Any, adapter: Path) -> Any:
+    """The base with model.adapterFrom's adapter, trainable: the run continues it (for DPO, TRL keeps a
+    frozen copy of it as the reference, on the same base)."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise InvalidSpec(f"model.adapterFrom: the adapter does not fit this base: {err}") from err
+
+
 def resolve_model(source: api.ModelSource, store: Store, work_dir: Path, tokenizer_only: bool = False,
                   cache: Path | None = None) -> str:
     """A name or local path that ``from_pretrained`` accepts for this model source. ``cache``

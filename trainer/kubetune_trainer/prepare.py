@@ -178,20 +178,44 @@ def eval_subset(rows: Any, max_samples: int | None, seed: int) -> Any:
     return rows.shuffle(seed=seed).select(range(max_samples))
 
 
+def lengths(ds: Any) -> Any:
+    """Each sample's tokens: its input_ids, or a preference pair's prompt and longer answer (a sequence
+    DPO trains on)."""
+    for batch in ds.iter(batch_size=10_000):
+        if "input_ids" in batch:
+            yield from (len(ids) for ids in batch["input_ids"])
+        else:
+            yield from (len(p) + max(len(c), len(r)) for p, c, r in
+                        zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], strict=True))
+
+
 def token_count(ds: Any) -> int:
-    return sum(len(ids) for batch in ds.iter(batch_size=10_000) for ids in batch["input_ids"])
+    return sum(lengths(ds))
 
 
 def length_histogram(ds: Any) -> dict[str, int]:
     """Samples per token-length bucket: ``"<=64"``, ``"<=128"``, ... (doubling), empty ones left out."""
     counts: dict[int, int] = {}
-    for batch in ds.iter(batch_size=10_000):
-        for ids in batch["input_ids"]:
-            edge = HISTOGRAM_FIRST
-            while edge < len(ids):
-                edge *= 2
-            counts[edge] = counts.get(edge, 0) + 1
+    for length in lengths(ds):
+        edge = HISTOGRAM_FIRST
+        while edge < length:
+            edge *= 2
+        counts[edge] = counts.get(edge, 0) + 1
     return {f"<={edge}": counts[edge] for edge in sorted(counts)}
+
+
+def check(spec: api.FineTuneJobSpec, prepared: Prepared, assistant_only: bool) -> dict[str, Any]:
+    """The token checks with this job's settings (InvalidDataset names the rows); returns status.data."""
+    t = spec.training
+    if spec.method == "dpo":
+        pairs = data.check_pairs(prepared.train, t.max_length, spec.dpo_settings().max_prompt_length,
+                                 max_truncated_fraction=t.max_truncated_fraction)
+        return {**prepared.rows, "evalSamples": len(prepared.eval) if prepared.eval is not None else 0,
+                "tokens": pairs.tokens, "samplesOverMaxLength": pairs.truncated, "truncatedSamples": pairs.truncated,
+                "truncatedTokens": pairs.truncated_tokens, "preparedUri": prepared.uri}
+    stats = data.check_tokens(prepared.train, t.max_length, t.packing, assistant_only,
+                              max_truncated_fraction=t.max_truncated_fraction)
+    return data_report(prepared, stats)
 
 
 def data_report(prepared: Prepared, stats: data.TokenStats) -> dict[str, Any]:
@@ -236,9 +260,7 @@ def run(spec: api.FineTuneJobSpec, ctx: PodContext) -> dict[str, Any]:
     tokenizer = modeling.load_tokenizer(tokenizer_path, spec.model)
     assistant_only, chat_template = assistant_only_loss(spec.dataset, tokenizer)
     prepared = prepare(spec, ctx, store, tokenizer, assistant_only, chat_template, inputs)
-    stats = data.check_tokens(prepared.train, spec.training.max_length, spec.training.packing, assistant_only,
-                              max_truncated_fraction=spec.training.max_truncated_fraction)
-    report = data_report(prepared, stats)
+    report = check(spec, prepared, assistant_only)
     ctx.reporter.patch({"data": report})
     fits(spec, ctx, tokenizer_path)  # from the config alone, after the data's own checks
     if spec.model.uri and os.environ.get(contract.ENV_MODEL_CACHE):  # the model moves once, before any GPU waits

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import api, contract
-from kubetune_trainer import checkpoints, data, fingerprint, memory, modeling, prepare, report, watchdog
+from kubetune_trainer import checkpoints, fingerprint, memory, modeling, prepare, report, watchdog
 from kubetune_trainer.distributed import Ranks
 from kubetune_trainer.runtime import InvalidSpec, PodContext, Preempted, StorageError
 from kubetune_trainer.storage import Store, join, read_manifest, write_manifest
@@ -102,9 +102,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     if prepared.reused:
         log.info("no tokenization here: %d training samples prepared at %s", len(prepared.train), prepared.uri)
     train_set, eval_set = prepared.train, prepared.eval
-    stats = data.check_tokens(train_set, spec.training.max_length, spec.training.packing, assistant_only,
-                              max_truncated_fraction=spec.training.max_truncated_fraction)
-    data_stats = prepare.data_report(prepared, stats)
+    data_stats = prepare.check(spec, prepared, assistant_only)
     ctx.reporter.patch({"data": data_stats})
     # Will it fit? (the prepare stage checked already; inline, this is the check) bits: auto -> 4 or 16.
     spec = memory.with_bits(spec, prepare.fits(spec, ctx, tokenizer_path, ranks.local_rank).bits)
@@ -119,6 +117,9 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
                           "checkpoint's adapter cannot be loaded into a sharded model; use ddp or unset keepBest")
     model = modeling.load_model(model_path, spec.model, spec.quantization, spec.training.gradient_checkpointing,
                                 device=ranks.local_rank, fsdp=strategy == "fsdp")
+    adapter_from = ranks.per_pod(lambda: modeling.resolve_adapter(spec.model, store, work))
+    if adapter_from is not None:  # continue that adapter (DPO after SFT): no new one
+        model = modeling.continue_adapter(model, adapter_from)
 
     # 5. Trainer with its callbacks.
     from transformers import set_seed
@@ -136,15 +137,16 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     preemption = checkpoints.PreemptionHandler(ranks).install()
     try:
         set_seed(spec.training.seed)  # TRL builds the LoRA adapter before Trainer seeds: seed its init too
-        trainer = trainer_class()(
+        trainer = trainer_class(spec.method)(
             model=model,
             args=sft_config(spec.training, work / "trainer", has_eval=eval_set is not None, wandb=wandb_on,
                             run_name=ctx.name, varlen_attention=model.config._attn_implementation.startswith("flash"),
-                            ranks=ranks.world, fsdp=strategy == "fsdp"),
+                            ranks=ranks.world, fsdp=strategy == "fsdp", dpo=spec.dpo_settings()
+                            if spec.method == "dpo" else None),
             train_dataset=train_set,
             eval_dataset=eval_set,
             processing_class=tokenizer,
-            peft_config=modeling.lora_config(spec.lora),
+            peft_config=None if adapter_from is not None else modeling.lora_config(spec.lora),
             callbacks=[progress, best, guard, uploader, preemption],  # the watchdog checks before any upload
         )
         if chat_template is not None and not assistant_only:
@@ -206,6 +208,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
     if strategy != "fsdp":
         shutil.rmtree(results_dir, ignore_errors=True)
         trainer.save_model(str(results_dir / contract.ADAPTER_DIR))  # PEFT adapter + tokenizer
+    shutil.rmtree(results_dir / contract.ADAPTER_DIR / "ref", ignore_errors=True)  # DPO's frozen reference copy
     name_the_base(results_dir / contract.ADAPTER_DIR, spec.model)
     files = publish_adapter(store, results_dir / contract.ADAPTER_DIR, out, spec, stamp)
     (results_dir / "spec.json").write_text(json.dumps(spec.to_wire(), indent=2, sort_keys=True))
@@ -313,7 +316,7 @@ def micro_batching(t: api.Training, varlen_attention: bool) -> tuple[int, int]:
 
 
 def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, run_name: str | None,
-               varlen_attention: bool = False, ranks: int = 1, fsdp: bool = False) -> Any:
+               varlen_attention: bool = False, ranks: int = 1, fsdp: bool = False, dpo: api.Dpo | None = None) -> Any:
     """TRL SFTConfig from spec.training. bf16 only when asked and the GPU supports it. The datasets
     come tokenized with their labels (:func:`data.tokenize`): TRL only packs them, in this process.
 
@@ -328,11 +331,18 @@ def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, r
 
     cuda = modeling.use_cuda()
     bf16, fp16 = modeling.mixed_precision(t.bf16, cuda, torch.cuda.get_device_capability() if cuda else None)
-    micro_batch, accumulation = micro_batching(t, varlen_attention)
-    packing_args: dict[str, Any] = {"packing": t.packing != "none"}
+    micro_batch, accumulation = micro_batching(t, varlen_attention) if dpo is None else (
+        t.batch_size, t.gradient_accumulation_steps)  # DPO pads pairs: no packing
+    method_args: dict[str, Any] = {"packing": t.packing != "none"}
     if t.packing != "none":
-        packing_args["packing_strategy"] = t.packing  # bfd, bfd_split and wrapped are TRL's own names
-    return SFTConfig(
+        method_args["packing_strategy"] = t.packing  # bfd, bfd_split and wrapped are TRL's own names
+    config_class = SFTConfig
+    if dpo is not None:
+        from trl import DPOConfig
+
+        config_class = DPOConfig
+        method_args = {"beta": dpo.beta, "loss_type": [dpo.loss_type], "label_smoothing": dpo.label_smoothing}
+    return config_class(
         output_dir=str(output_dir),
         run_name=run_name,
         seed=t.seed,
@@ -366,7 +376,7 @@ def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, r
         disable_tqdm=False,
         ddp_find_unused_parameters=False if ranks > 1 else None,
         **(fsdp_args(t) if fsdp else {}),
-        **packing_args,
+        **method_args,
     )
 
 
@@ -396,18 +406,25 @@ def adapter_in_float32(model: Any) -> None:
             param.data = param.data.to(torch.float32)
 
 
-def trainer_class() -> Any:
-    """TRL's SFTTrainer, with an evaluation that a SIGTERM can cut short (the checkpoint that follows
-    must fit the pod's grace period; :class:`checkpoints.PreemptionHandler`)."""
-    from trl import SFTTrainer
+def trainer_class(method: str = "sft") -> Any:
+    """TRL's SFTTrainer (DPOTrainer for method dpo), with an evaluation that a SIGTERM can cut short
+    (the checkpoint that follows must fit the pod's grace period; :class:`checkpoints.PreemptionHandler`).
+    The DPO trainer takes the prepared pairs as they are (prompt_ids, chosen_ids, rejected_ids:
+    :func:`data.tokenize`, the same tokenization): no second one in the GPU pod."""
+    from trl import DPOTrainer, SFTTrainer
 
-    class Trainer(SFTTrainer):  # type: ignore[misc]
+    class Trainer(DPOTrainer if method == "dpo" else SFTTrainer):  # type: ignore[misc]
         def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
             try:
                 return super().evaluate(*args, **kwargs)  # type: ignore[no-any-return]
             except checkpoints.EvalInterrupted as err:
                 log.warning("%s: evaluation abandoned, saving a checkpoint", err)
                 return {}
+
+        def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+            if method == "dpo" and "prompt_ids" in dataset.column_names:
+                return dataset  # prepared (checked: no prompt fills maxLength)
+            return super()._prepare_dataset(dataset, *args, **kwargs)
 
     return Trainer
 
