@@ -612,6 +612,26 @@ def merge_job(body: dict[str, Any], spec: api.FineTuneJobSpec) -> dict[str, Any]
 # ----------------------------------------------------------------------------------------------
 
 
+def resolve_adapter_from(spec: api.FineTuneJobSpec, ftj: dict[str, Any] | None) -> api.FineTuneJobSpec:
+    """The FineTuneJobSpec the pods get for ``model.adapterFrom.fineTuneJobRef``: that job's adapter
+    uri. Its base must be this job's (name and revision, or uri): an adapter fits only its base."""
+    ref = spec.model.adapter_from
+    if ref is None or ref.fine_tune_job_ref is None:
+        return spec
+    if ftj is None:
+        raise ValueError("the referenced FineTuneJob is needed to resolve model.adapterFrom")
+    theirs = api.FineTuneJobSpec.model_validate(ftj["spec"]).model
+    ours = spec.model
+    if (theirs.name, theirs.uri, theirs.revision) != (ours.name, ours.uri, ours.revision):
+        raise ValueError(f"model.adapterFrom: FineTuneJob {ref.fine_tune_job_ref.name} trained its adapter on "
+                         f"{theirs.display()}, this job's base is {ours.display()}: an adapter fits only its base")
+    adapter = (ftj.get("status") or {}).get("adapterUri")
+    if not adapter:
+        raise ValueError(f"FineTuneJob {ftj['metadata']['name']} has no status.adapterUri")
+    model = ours.model_copy(update={"adapter_from": api.AdapterFrom(uri=adapter)})
+    return spec.model_copy(update={"model": model})
+
+
 def resolve_merge_spec(spec: api.MergeJobSpec, ftj: dict[str, Any] | None) -> api.MergeJobSpec:
     """The MergeJobSpec the merge container gets: a concrete ``source.adapterUri``, the base model
     and storage defaulted from the FineTuneJob. ``ftj`` must have succeeded (status.adapterUri)."""
@@ -623,5 +643,6 @@ def resolve_merge_spec(spec: api.MergeJobSpec, ftj: dict[str, Any] | None) -> ap
     adapter = (ftj.get("status") or {}).get("adapterUri")
     if not adapter:
         raise ValueError(f"FineTuneJob {ftj['metadata']['name']} has no status.adapterUri")
-    source = api.MergeSource(adapter_uri=adapter, base_model=spec.source.base_model or ft_spec.model)
+    base = spec.source.base_model or ft_spec.model.model_copy(update={"adapter_from": None})  # a chained job's
+    source = api.MergeSource(adapter_uri=adapter, base_model=base)  # adapter already holds the one it continued
     return spec.model_copy(update={"source": source, "storage": spec.storage or ft_spec.storage})

@@ -136,12 +136,20 @@ class Cache:
             return [k for k in self._resources if kind is None or k[0] == kind]
 
     def merge_jobs_referencing(self, namespace: str, fine_tune_job: str) -> list[Key]:
-        """MergeJobs whose ``spec.source.fineTuneJobRef`` names this FineTuneJob."""
+        """MergeJobs whose ``spec.source.fineTuneJobRef`` names this FineTuneJob, and FineTuneJobs whose
+        ``spec.model.adapterFrom.fineTuneJobRef`` does (chained: they wait for its adapter)."""
+        def ref(body: dict[str, Any], *path: str) -> Any:
+            node: Any = body.get("spec") or {}
+            for part in path:
+                node = (node or {}).get(part) if isinstance(node, dict) else None
+            return node
+
         with self._lock:
             return [k for k, body in self._resources.items()
-                    if k[0] == "MergeJob" and k[1] == namespace
-                    and (((body.get("spec") or {}).get("source") or {}).get("fineTuneJobRef") or {}).get("name")
-                    == fine_tune_job]
+                    if k[1] == namespace and (
+                        (k[0] == "MergeJob" and ref(body, "source", "fineTuneJobRef", "name") == fine_tune_job)
+                        or (k[0] == "FineTuneJob"
+                            and ref(body, "model", "adapterFrom", "fineTuneJobRef", "name") == fine_tune_job))]
 
     # -- children
 

@@ -231,7 +231,7 @@ class Controller:
             return
         self.cache.put(body)
         self.queue.add(key)
-        if key[0] == "FineTuneJob":  # MergeJobs waiting for it
+        if key[0] == "FineTuneJob":  # MergeJobs and chained FineTuneJobs waiting for it
             for merge_key in self.cache.merge_jobs_referencing(key[1], key[2]):
                 self.queue.add(merge_key)
 
@@ -442,6 +442,17 @@ class Controller:
             except ValueError as err:
                 return status.Verdict("Failed", "InvalidSpec", f"cannot resolve the MergeJob: {err}",
                                       stalled=True), None
+        chained = spec.model.adapter_from if isinstance(spec, api.FineTuneJobSpec) else None
+        if chained is not None and chained.fine_tune_job_ref is not None:  # e.g. DPO after SFT: wait for it
+            ref = chained.fine_tune_job_ref.name
+            ftj = self.cache.get(("FineTuneJob", ns, ref)) or self.kube.get("FineTuneJob", ns, ref)
+            blocked = validation.check_fine_tune_job(ref, ftj, "model.adapterFrom.fineTuneJobRef")
+            if blocked:
+                return blocked, None
+            try:
+                run_spec = builders.resolve_adapter_from(spec, ftj)
+            except ValueError as err:
+                return status.Verdict("Failed", "InvalidSpec", str(err), stalled=True), None
         needs = validation.secret_needs(run_spec) if self.settings.check_secrets else []
         secrets = {n.name: self._secret_keys(ns, n.name) for n in needs}
         blocked = validation.check_secrets(needs, secrets)
@@ -541,6 +552,13 @@ class Controller:
                 run_spec = builders.resolve_merge_spec(spec, ftj)
             except (ValueError, KeyError):
                 run_spec = None  # cannot rebuild the ConfigMap now: the other three are still checked
+        chained = spec.model.adapter_from if isinstance(spec, api.FineTuneJobSpec) else None
+        if chained is not None and chained.fine_tune_job_ref is not None:
+            ftj = self.cache.get(("FineTuneJob", key[1], chained.fine_tune_job_ref.name))
+            try:
+                run_spec = builders.resolve_adapter_from(spec, ftj)
+            except (ValueError, KeyError):
+                run_spec = None
         try:
             repaired = self._create_support(body, run_spec)
         except ApiError as err:

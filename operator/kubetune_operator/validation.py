@@ -111,11 +111,13 @@ def check_resources(spec: api.FineTuneJobSpec | api.MergeJobSpec, default_image:
     return Verdict("Failed", "InvalidSpec", "; ".join(problems), stalled=True)
 
 
-def check_fine_tune_job(ref: str, ftj: dict[str, Any] | None) -> Verdict | None:
-    """A MergeJob's source: None when the FineTuneJob succeeded and has an adapter."""
+def check_fine_tune_job(ref: str, ftj: dict[str, Any] | None,
+                        field: str = "spec.source.fineTuneJobRef") -> Verdict | None:
+    """A MergeJob's source (or a FineTuneJob's model.adapterFrom): None when the FineTuneJob
+    succeeded and has an adapter."""
     if ftj is None:
         return Verdict("Pending", "FineTuneJobNotFound",
-                       f"FineTuneJob {ref!r} (spec.source.fineTuneJobRef) does not exist in this namespace; "
+                       f"FineTuneJob {ref!r} ({field}) does not exist in this namespace; "
                        "re-checked with backoff", stalled=True)
     status = ftj.get("status") or {}
     phase = status.get("phase")
