@@ -106,7 +106,7 @@ class AdapterFrom(ApiModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel("has(self.fineTuneJobRef) != has(self.uri)",
-                    "set exactly one of model.adapterFrom.fineTuneJobRef and model.adapterFrom.uri")
+                    "model.adapterFrom: set exactly one of fineTuneJobRef and uri")
             ]
         }
     )
@@ -496,11 +496,12 @@ class Dataset(ApiModel):
     """Split to train on (huggingface datasets with several splits)."""
     eval: EvalSplit | None = None
     """Held-out evaluation data."""
-    format: Literal["text", "template", "promptCompletion", "messages", "preference"] = "text"
+    format: Literal["text", "template", "promptCompletion", "messages", "preference", "feedback"] = "text"
     """text: one column used as is; template: a format string over columns; promptCompletion:
     loss on the completion only; messages: a chat conversation rendered by the chat template;
-    preference (method dpo): a prompt and a chosen and a rejected answer, each a string or a list of
-    messages (rendered by the chat template)."""
+    preference (methods dpo and kto): a prompt and a chosen and a rejected answer, each a string or a
+    list of messages (rendered by the chat template); feedback (method kto): a prompt, one completion
+    and a boolean label (true: desirable), strings or lists of messages."""
     text_field: str = Field(default="text", min_length=1)
     """Column used by the text format."""
     template: str | None = Field(default=None, min_length=1, max_length=65536)
@@ -513,6 +514,8 @@ class Dataset(ApiModel):
     """Preferred answer column of the preference format."""
     rejected_field: str = Field(default="rejected", min_length=1)
     """Dispreferred answer column of the preference format."""
+    label_field: str = Field(default="label", min_length=1)
+    """Column of the feedback format: true when the completion is desirable, false when not."""
     messages_field: str = Field(default="messages", min_length=1)
     """Column of the messages format: a list of messages (or a JSON string of one), each with a role
     (system, developer, user, assistant or tool) and content; tool_calls, name, tool_call_id and
@@ -745,6 +748,26 @@ class Dpo(ApiModel):
         return self
 
 
+class Kto(ApiModel):
+    """Kahneman-Tversky Optimization (TRL's KTOTrainer): learns from single completions labelled
+    desirable or not (dataset.format feedback; preference pairs are split into one of each), relative
+    to the reference (the base with the adapter as it was at the start)."""
+
+    beta: float = Field(default=0.1, gt=0, le=10)
+    """How far the policy may move from the reference (higher: less)."""
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    """kto: the KTO paper's loss (estimates the KL term from mismatched completions in each batch,
+    so training.batchSize must be 2 or more); apo_zero_unpaired: TRL's APO-zero, no KL term."""
+    desirable_weight: float = Field(default=1.0, gt=0, le=100)
+    """Weight of the desirable completions' loss (raise it when they are fewer)."""
+    undesirable_weight: float = Field(default=1.0, gt=0, le=100)
+    """Weight of the undesirable completions' loss. The KTO paper keeps desirable x desirableWeight
+    over undesirable x undesirableWeight between 1 and 4/3."""
+    max_prompt_length: int | None = Field(default=None, ge=1)
+    """Longest prompt in tokens; a longer one fails the run before training, naming the rows.
+    Default: training.maxLength - 1."""
+
+
 class FineTuneJobSpec(JobControls):
     """A packed QLoRA supervised fine-tuning run, or preference tuning (spec.method dpo)."""
 
@@ -757,13 +780,34 @@ class FineTuneJobSpec(JobControls):
                     "training.earlyStopping and training.keepBest need evaluation data: set dataset.eval",
                 ),
                 cel(
-                    "(has(self.method) && self.method == 'dpo') == (has(self.dataset.format)"
+                    "!has(self.method) || self.method != 'dpo' || (has(self.dataset.format)"
                     " && self.dataset.format == 'preference')",
-                    "method dpo trains on dataset.format preference (prompt, chosen, rejected), and only it does",
+                    "method dpo trains on dataset.format preference (prompt, chosen, rejected)",
+                ),
+                cel(
+                    "!has(self.method) || self.method != 'kto' || (has(self.dataset.format)"
+                    " && self.dataset.format in ['feedback', 'preference'])",
+                    "method kto trains on dataset.format feedback (prompt, completion, label) or preference",
+                ),
+                cel(
+                    "!has(self.dataset.format) || !(self.dataset.format in ['feedback', 'preference'])"
+                    " || (has(self.method) && self.method in ['dpo', 'kto'])",
+                    "dataset.format preference and feedback are preference data: set method dpo or kto",
                 ),
                 cel(
                     "!has(self.dpo) || (has(self.method) && self.method == 'dpo')",
                     "spec.dpo configures method dpo: set method: dpo, or remove spec.dpo",
+                ),
+                cel(
+                    "!has(self.kto) || (has(self.method) && self.method == 'kto')",
+                    "spec.kto configures method kto: set method: kto, or remove spec.kto",
+                ),
+                cel(
+                    "!has(self.method) || self.method != 'kto' || (has(self.kto) && has(self.kto.lossType)"
+                    " && self.kto.lossType == 'apo_zero_unpaired') || !has(self.training)"
+                    " || !has(self.training.batchSize) || self.training.batchSize >= 2",
+                    "method kto estimates its KL term from the other completions of a batch: set "
+                    "training.batchSize to 2 or more (or kto.lossType apo_zero_unpaired)",
                 ),
                 cel(
                     "!has(self.resources.nodes) || self.resources.nodes == 1 || !has(self.resources.gpus)"
@@ -781,12 +825,16 @@ class FineTuneJobSpec(JobControls):
         }
     )
 
-    method: Literal["sft", "dpo"] = "sft"
+    method: Literal["sft", "dpo", "kto"] = "sft"
     """sft: supervised fine-tuning on text, templates, prompt/completion pairs or conversations;
     dpo: preference tuning on prompt/chosen/rejected pairs (dataset.format preference, settings in
-    spec.dpo), usually continuing an SFT run's adapter (model.adapterFrom)."""
+    spec.dpo); kto: preference tuning on completions labelled desirable or not (dataset.format
+    feedback, or preference pairs split in two; settings in spec.kto). Both usually continue an SFT
+    run's adapter (model.adapterFrom)."""
     dpo: Dpo | None = None
     """Settings of method dpo (defaults when unset)."""
+    kto: Kto | None = None
+    """Settings of method kto (defaults when unset)."""
     model: ModelSource
     """Base model."""
     quantization: Quantization = Field(default_factory=Quantization, json_schema_extra=EMPTY_DEFAULT)
@@ -821,15 +869,26 @@ class FineTuneJobSpec(JobControls):
 
     @model_validator(mode="after")
     def _method(self) -> FineTuneJobSpec:
-        if (self.method == "dpo") != (self.dataset.format == "preference"):
-            raise ValueError("method dpo trains on dataset.format preference (prompt, chosen, rejected), and only "
-                             "it does")
-        if self.dpo is not None and self.method != "dpo":
-            raise ValueError("spec.dpo configures method dpo: set method: dpo, or remove spec.dpo")
+        fmt = self.dataset.format
+        if self.method == "dpo" and fmt != "preference":
+            raise ValueError("method dpo trains on dataset.format preference (prompt, chosen, rejected)")
+        if self.method == "kto" and fmt not in ("feedback", "preference"):
+            raise ValueError("method kto trains on dataset.format feedback (prompt, completion, label) or preference")
+        if fmt in ("feedback", "preference") and self.method == "sft":
+            raise ValueError("dataset.format preference and feedback are preference data: set method dpo or kto")
+        for name in ("dpo", "kto"):
+            if getattr(self, name) is not None and self.method != name:
+                raise ValueError(f"spec.{name} configures method {name}: set method: {name}, or remove spec.{name}")
+        if self.method == "kto" and self.kto_settings().loss_type == "kto" and self.training.batch_size < 2:
+            raise ValueError("method kto estimates its KL term from the other completions of a batch: set "
+                             "training.batchSize to 2 or more (or kto.lossType apo_zero_unpaired)")
         return self
 
     def dpo_settings(self) -> Dpo:
         return self.dpo or Dpo()
+
+    def kto_settings(self) -> Kto:
+        return self.kto or Kto()
 
     @model_validator(mode="after")
     def _ranks(self) -> FineTuneJobSpec:
@@ -868,13 +927,17 @@ class Progress(ApiModel):
     """method dpo: the share of pairs whose chosen answer the policy rewards above the rejected one
     (latest logged steps; 0.5 is chance)."""
     reward_margin: float | None = None
-    """method dpo: mean reward of the chosen answers minus the rejected ones."""
+    """methods dpo and kto: mean reward of the chosen (desirable) answers minus the rejected ones."""
     reward_chosen: float | None = None
-    """method dpo: mean reward (beta x log-ratio to the reference) of the chosen answers."""
+    """methods dpo and kto: mean reward (beta x log-ratio to the reference) of the chosen answers."""
     reward_rejected: float | None = None
-    """method dpo: mean reward of the rejected answers."""
+    """methods dpo and kto: mean reward of the rejected (undesirable) answers."""
     eval_reward_accuracy: float | None = None
     """method dpo: rewardAccuracy on the evaluation pairs."""
+    eval_reward_margin: float | None = None
+    """methods dpo and kto: rewardMargin on the evaluation data."""
+    kl: float | None = None
+    """method kto: the estimated KL divergence of the policy from the reference."""
     tokens_per_second: float | None = None
     """Training throughput in tokens per second."""
     eta_seconds: int | None = Field(default=None, ge=0)
@@ -944,6 +1007,8 @@ class DataReport(ApiModel):
     """Samples cut at training.maxLength (bfd and none packing; bfd_split and wrapped keep every token)."""
     truncated_tokens: int | None = Field(default=None, ge=0)
     """Tokens lost to that truncation."""
+    desirable_samples: int | None = Field(default=None, ge=0)
+    """method kto: training rows labelled desirable (the others are undesirable)."""
     prepared_uri: str | None = None
     """Where the tokenized data is stored, content-addressed: a retry, a resume or a later job with the
     same data and tokenizer reuses it instead of tokenizing again."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from manifests import minimal_ftj, minimal_mj, with_change
+from manifests import METHOD_CASES, METHOD_OK, minimal_ftj, minimal_mj, with_change, with_changes
 from pydantic import ValidationError
 
 from kubetune import api
@@ -165,3 +165,15 @@ def test_classic_recipe_example_matches_the_issue() -> None:
     assert (spec.lora.r, spec.lora.alpha, spec.lora.dropout, spec.lora.bias) == (16, 32, 0.05, "none")
     assert spec.dataset.format == "template" and spec.training.packing != "none" and spec.training.bf16
     assert spec.tracking and spec.tracking.wandb
+
+
+@pytest.mark.parametrize("changes, message", METHOD_CASES)
+def test_methods_need_their_data(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        api.parse_manifest(with_changes(minimal_ftj(), changes))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("changes", METHOD_OK)
+def test_methods_with_their_data_are_accepted(changes: dict[str, Any]) -> None:
+    api.parse_manifest(with_changes(minimal_ftj(), changes))

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from manifests import minimal_ftj, minimal_mj, with_change
+from manifests import METHOD_CASES, METHOD_OK, minimal_ftj, minimal_mj, with_change, with_changes
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -100,6 +100,18 @@ def test_bad_manifests_are_rejected_with_a_clear_message(kubectl: Kubectl, path:
     assert out.returncode != 0, f"accepted a bad manifest ({path}={value})"
     assert message in out.stderr, out.stderr
     assert kubectl("get", "ftj", doc["metadata"]["name"], check=False).returncode != 0
+
+
+@pytest.mark.parametrize("changes, message", METHOD_CASES)
+def test_methods_need_their_data_at_admission(kubectl: Kubectl, changes: dict[str, Any], message: str) -> None:
+    doc = named(with_changes(minimal_ftj(), changes), f"method-{uuid.uuid4().hex[:6]}")
+    out = kubectl.apply(doc, check=False)
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+def test_methods_with_their_data_are_admitted(kubectl: Kubectl) -> None:
+    for i, changes in enumerate(METHOD_OK):
+        kubectl.apply(named(with_changes(minimal_ftj(), changes), f"method-ok-{i}"))
 
 
 def test_ranks_accepted_and_mergejob_runs_in_one_pod(kubectl: Kubectl) -> None:

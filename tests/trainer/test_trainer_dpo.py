@@ -4,8 +4,6 @@ S3 server."""
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -13,36 +11,11 @@ import pytest
 from kubetune_trainer import data, prepare, sft
 from kubetune_trainer.runtime import InvalidDataset
 from kubetune_trainer.storage import Store
-from trainer_helpers import make_pod, qa_rows, spec_doc
+from trainer_helpers import make_pod, pairs, put, qa_rows, recorder, spec_doc
 
 from kubetune import api
 
 pytestmark = pytest.mark.integration
-
-WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "quiet", "north", "paper", "light"]
-
-
-def pairs(n: int, seed: int = 0, conversational: bool = False) -> list[dict[str, Any]]:
-    """Prompts of random words; the chosen answer is always polite ("yes please, ..."), the rejected
-    one rude ("no way, ..."): a preference a policy can learn, and check on held-out prompts."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        topic = " ".join(rng.choice(WORDS) for _ in range(4))
-        prompt, chosen, rejected = f"Question: {topic}?\nAnswer:", " yes please, thank you.", " no way, go away."
-        if conversational:
-            rows.append({"prompt": [{"role": "user", "content": f"{topic}?"}],
-                         "chosen": [{"role": "assistant", "content": chosen.strip()}],
-                         "rejected": [{"role": "assistant", "content": rejected.strip()}]})
-        else:
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return rows
-
-
-def put(s3: Any, prefix: str, name: str, rows: list[dict[str, Any]]) -> str:
-    bucket, _, key = f"{prefix}/{name}".partition("/")
-    s3.client().put_object(Bucket=bucket, Key=key, Body="".join(json.dumps(r) + "\n" for r in rows))
-    return f"s3://{prefix}/{name}"
 
 
 def dpo_spec(tiny: Path, s3: Any, data_uri: str, out: str, **over: Any) -> api.FineTuneJobSpec:
@@ -52,12 +25,6 @@ def dpo_spec(tiny: Path, s3: Any, data_uri: str, out: str, **over: Any) -> api.F
                    evalSteps=12)
     doc.update(method="dpo", dpo={"beta": 0.1}, prepare={"mode": "inline"}, **over)
     return api.FineTuneJobSpec.model_validate(doc)
-
-
-def recorder(ctx: Any) -> list[dict[str, Any]]:
-    patches: list[dict[str, Any]] = []
-    ctx.reporter.patch = lambda p: patches.append(p) or True
-    return patches
 
 
 @pytest.mark.parametrize("conversational", [False, True], ids=["text", "messages"])
@@ -139,8 +106,10 @@ def test_a_prompt_too_long_is_named(tiny_model_dir: Path, s3: Any, prefix: str, 
 def test_method_and_format_go_together() -> None:
     base = spec_doc({"name": "m"}, {"source": "jsonl", "uri": "s3://data/p.jsonl", "format": "preference"},
                     "s3://out/x")
-    with pytest.raises(ValueError, match="method dpo trains on dataset.format preference"):
+    with pytest.raises(ValueError, match="dataset.format preference and feedback are preference data: set method"):
         api.FineTuneJobSpec.model_validate(base)  # method sft on preference data
+    with pytest.raises(ValueError, match="method dpo trains on dataset.format preference"):
+        api.FineTuneJobSpec.model_validate({**base, "method": "dpo", "dataset": {**base["dataset"], "format": "text"}})
     with pytest.raises(ValueError, match="spec.dpo configures method dpo"):
         api.FineTuneJobSpec.model_validate({**base, "dataset": {**base["dataset"], "format": "text"},
                                             "dpo": {"beta": 0.2}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import sys
 import threading
@@ -135,3 +136,37 @@ class FakeApiServer:
         self.thaw()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# -- preference data (methods dpo and kto) ---------------------------------------------------------
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "quiet", "north", "paper", "light"]
+
+
+def pairs(n: int, seed: int = 0, conversational: bool = False) -> list[dict[str, Any]]:
+    """Prompts of random words; the chosen answer is always polite ("yes please, ..."), the rejected
+    one rude ("no way, ..."): a preference a policy can learn, and check on held-out prompts."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = " ".join(rng.choice(WORDS) for _ in range(4))
+        prompt, chosen, rejected = f"Question: {topic}?\nAnswer:", " yes please, thank you.", " no way, go away."
+        if conversational:
+            rows.append({"prompt": [{"role": "user", "content": f"{topic}?"}],
+                         "chosen": [{"role": "assistant", "content": chosen.strip()}],
+                         "rejected": [{"role": "assistant", "content": rejected.strip()}]})
+        else:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def put(s3: Any, prefix: str, name: str, rows: list[dict[str, Any]]) -> str:
+    bucket, _, key = f"{prefix}/{name}".partition("/")
+    s3.client().put_object(Bucket=bucket, Key=key, Body="".join(json.dumps(r) + "\n" for r in rows))
+    return f"s3://{prefix}/{name}"
+
+
+def recorder(ctx: Any) -> list[dict[str, Any]]:
+    patches: list[dict[str, Any]] = []
+    ctx.reporter.patch = lambda p: patches.append(p) or True
+    return patches

@@ -23,6 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from kubetune_trainer.report import PREFERENCE_METRICS
 from kubetune_trainer.runtime import FLUSH_TIMEOUT_S, PROGRESS_INTERVAL_S, ProgressSender, StatusReporter
 
 log = logging.getLogger("kubetune")
@@ -61,11 +62,6 @@ def progress_fields(step: int, total: int, epoch: float | None, elapsed: float, 
     return out
 
 
-DPO_METRICS = {"rewards/accuracies": "rewardAccuracy", "rewards/margins": "rewardMargin",
-               "rewards/chosen": "rewardChosen", "rewards/rejected": "rewardRejected",
-               "eval_rewards/accuracies": "evalRewardAccuracy"}
-
-
 class ProgressReporter(TrainerCallback):  # type: ignore[misc]
     """Reports progress every logging step (throttled) and at the end (flushed); keeps the latest
     fields for the result."""
@@ -97,7 +93,7 @@ class ProgressReporter(TrainerCallback):  # type: ignore[misc]
             self.progress["evalPerplexity"] = round(math.exp(min(float(logs["eval_loss"]), 700.0)), 4)
         if "learning_rate" in logs:
             self.progress["learningRate"] = float(logs["learning_rate"])
-        for key, field in DPO_METRICS.items():  # method dpo: TRL's reward metrics
+        for key, field in PREFERENCE_METRICS.items():
             if key in logs and math.isfinite(float(logs[key])):
                 self.progress[field] = round(float(logs[key]), 5)
         if "loss" in logs or "eval_loss" in logs:

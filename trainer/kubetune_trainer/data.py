@@ -461,6 +461,9 @@ def required_columns(spec: api.Dataset) -> dict[str, str]:
     if spec.format == "preference":
         return {spec.prompt_field: "dataset.promptField", spec.chosen_field: "dataset.chosenField",
                 spec.rejected_field: "dataset.rejectedField"}
+    if spec.format == "feedback":
+        return {spec.prompt_field: "dataset.promptField", spec.completion_field: "dataset.completionField",
+                spec.label_field: "dataset.labelField"}
     return {spec.messages_field: "dataset.messagesField"}
 
 
@@ -630,6 +633,15 @@ class RowFormatter:
                                      "messages (the same kind in a row)"),
                            _Problems("each pair needs a chosen and a rejected answer that differ")]
             self.kind: str | None = None  # text or messages: the first good row decides, the others follow
+        elif spec.format == "feedback":
+            self.inputs = [spec.prompt_field, spec.completion_field, spec.label_field]
+            self.outputs = ["prompt", "completion", "label", "conversational"]
+            self.checks = [_Problems(f"columns {', '.join(map(repr, self.inputs[:2]))} must hold strings, or lists "
+                                     "of messages (the same kind in a row)"),
+                           _Problems("each completion needs content"),
+                           _Problems(f"column {spec.label_field!r} (dataset.labelField) must hold true or false")]
+            self.kind = None
+            self.labels = [0, 0]  # undesirable, desirable
         else:
             tools = [spec.tools_field] if spec.tools_field in raw.columns else []
             self.inputs, self.outputs = [spec.messages_field, *tools], ["messages", *(["tools"] if tools else [])]
@@ -665,8 +677,8 @@ class RowFormatter:
                     out[name].append(value)
         elif self.format == "template":
             self._template(values, indices, out["text"])
-        elif self.format == "preference":
-            self._pairs(values, indices, out)
+        elif self.format in ("preference", "feedback"):
+            self._preference(values, indices, out)
         else:
             self._conversations(values, indices, out)
         return out
@@ -712,40 +724,46 @@ class RowFormatter:
                 self.has_tools = self.has_tools or checked_tools is not None
                 out["tools"].append(None if checked_tools is None else json.dumps(checked_tools, ensure_ascii=False))
 
-    def _pairs(self, values: dict[str, list[Any]], indices: list[int], out: dict[str, list[Any]]) -> None:
-        """preference rows: prompt, chosen and rejected all strings (text: the answers follow the
-        prompt as they are, EOS added) or all lists of messages (conversational: the prompt's
-        turns, then one assistant answer each, rendered by the chat template); answers that are
-        empty, or the same, teach no preference."""
+    def _preference(self, values: dict[str, list[Any]], indices: list[int], out: dict[str, list[Any]]) -> None:
+        """preference rows (prompt, chosen, rejected) and feedback rows (prompt, completion, label):
+        prompt and answers all strings (text: the answers follow the prompt as they are, EOS added) or
+        all lists of messages (conversational: the prompt's turns, then the answer's, starting with
+        the assistant, rendered by the chat template). An empty answer, or a pair's two the same,
+        teaches no preference; a feedback label is a boolean (or 0/1)."""
+        feedback = self.format == "feedback"
+        names = ["prompt", "completion"] if feedback else ["prompt", "chosen", "rejected"]
         columns = [values[c] for c in self.inputs]
         for i, row in enumerate(indices):
-            prompt, chosen, rejected = (column[i] for column in columns)
-            absent = [name for name, v in zip(self.inputs, (prompt, chosen, rejected), strict=True)
-                      if v is MISSING or v is None]
+            given = [column[i] for column in columns]
+            label = given.pop() if feedback else None
+            absent = [name for name, v in zip(self.inputs, given, strict=False) if v is MISSING or v is None]
             if absent:
                 self.checks[0].add(f"row {row} has no {' and no '.join(map(repr, absent))}")
                 continue
-            if any(isinstance(v, str) for v in (prompt, chosen, rejected)) and \
-                    not all(isinstance(v, str) for v in (prompt, chosen, rejected)):
+            if feedback and not (isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))):
+                self.checks[2].add(f"row {row} is {_describe(label)}")
+                continue
+            if any(isinstance(v, str) for v in given) and not all(isinstance(v, str) for v in given):
                 self.checks[0].add(f"row {row} mixes strings and lists of messages")
                 continue
-            if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
-                kind, parts = "text", [prompt, chosen, rejected]
-                empty = [name for name, v in (("chosen", chosen), ("rejected", rejected)) if not v.strip()]
+            if all(isinstance(v, str) for v in given):
+                kind, parts = "text", given
+                empty = [name for name, v in zip(names[1:], given[1:], strict=True) if not v.strip()]
             else:
-                checked = [check_messages(v, row) for v in (prompt, chosen, rejected)]
+                checked = [check_messages(v, row) for v in given]
                 problem = next((c for c in checked if isinstance(c, str)), None)
                 if problem is not None:
-                    self.checks[0].add(f"{problem} (columns {', '.join(self.inputs)}: strings or lists of messages)")
+                    self.checks[0].add(f"{problem} (columns {', '.join(self.inputs[:len(given)])}: strings or lists "
+                                       "of messages)")
                     continue
                 answers = [c for c in checked[1:] if isinstance(c, list)]
-                wrong = [n for n, a in zip(("chosen", "rejected"), answers, strict=True) if a[0]["role"] != "assistant"]
+                wrong = [n for n, a in zip(names[1:], answers, strict=True) if a[0]["role"] != "assistant"]
                 if wrong:
                     self.checks[0].add(f"row {row}: {' and '.join(wrong)} must start with an assistant message")
                     continue
                 kind = "messages"
                 parts = [json.dumps(c, ensure_ascii=False) for c in checked]
-                empty = [n for n, a in zip(("chosen", "rejected"), answers, strict=True)
+                empty = [n for n, a in zip(names[1:], answers, strict=True)
                          if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in a)]
             if self.kind is None:
                 self.kind = kind
@@ -755,11 +773,14 @@ class RowFormatter:
             if empty:
                 self.checks[1].add(f"row {row} has an empty {' and '.join(empty)} answer")
                 continue
-            if parts[1] == parts[2]:
+            if not feedback and parts[1] == parts[2]:
                 self.checks[1].add(f"row {row}: chosen and rejected are the same answer")
                 continue
-            for name, value in zip(("prompt", "chosen", "rejected"), parts, strict=True):
+            for name, value in zip(names, parts, strict=True):
                 out[name].append(value)
+            if feedback:
+                out["label"].append(bool(label))
+                self.labels[bool(label)] += 1
             out["conversational"].append(kind)
 
     def finish(self) -> None:
@@ -783,7 +804,8 @@ def format_split(raw: RawSplit, spec: api.Dataset, work_dir: Path) -> Any:
 
     check_columns(raw, spec)
     rows = RowFormatter(raw, spec)
-    features = datasets.Features({name: datasets.Value("string") for name in rows.outputs})
+    features = datasets.Features({name: datasets.Value("bool" if name == "label" else "string")
+                                  for name in rows.outputs})
     if raw.dataset is not None:
         source = raw.dataset.select_columns([LINE_COLUMN] if raw.json_lines
                                               else list(dict.fromkeys(rows.inputs)) or raw.dataset.column_names)
@@ -831,7 +853,7 @@ def _labelled(ids: list[int], mask: list[int] | None) -> list[int]:
 
 
 def _tokenize_batch(batch: dict[str, list[Any]], indices: list[int], tokenizer: Any, assistant_only: bool,
-                    chat_template: str | None) -> dict[str, list[Any]]:
+                    chat_template: str | None, unpaired: bool = False) -> dict[str, list[Any]]:
     """TRL's per-sample tokenization (``SFTTrainer._prepare_dataset``), for a batch at once.
 
     text: text + EOS; prompt/completion: prompt + completion + EOS, loss on the tokens after the
@@ -840,8 +862,10 @@ def _tokenize_batch(batch: dict[str, list[Any]], indices: list[int], tokenizer: 
     (``{% generation %}``) or on everything. A conversation the template cannot render is named by
     its row (``indices``) in an InvalidDataset."""
     eos = tokenizer.eos_token or ""
-    if "chosen" in batch:
-        return _tokenize_pairs(batch, indices, tokenizer, chat_template)
+    if "chosen" in batch and unpaired:  # method kto on preference pairs: a desirable and an undesirable row each
+        batch, indices = unpair(batch, indices)
+    if "chosen" in batch or "label" in batch:
+        return _tokenize_preference(batch, indices, tokenizer, chat_template)
     if "text" in batch:
         texts = [t if t.endswith(eos) else t + eos for t in batch["text"]]
         ids = tokenizer(texts)["input_ids"]
@@ -897,19 +921,28 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def _tokenize_pairs(batch: dict[str, list[Any]], indices: list[int], tokenizer: Any,
-                    chat_template: str | None) -> dict[str, list[Any]]:
-    """TRL's DPO tokenization (``DPOTrainer._prepare_dataset``), batched: text answers get EOS; the
-    prompt is what the tokenized prompt and both tokenized prompt+answer share (conversational: the
-    chat template, the prompt with the generation prompt)."""
+def unpair(batch: dict[str, list[Any]], indices: list[int]) -> tuple[dict[str, list[Any]], list[int]]:
+    """Preference pairs as feedback rows, as TRL's ``unpair_preference_dataset`` makes them: the
+    batch's chosen answers (label true), then its rejected ones (label false)."""
+    n = len(batch["prompt"])
+    return ({"prompt": batch["prompt"] * 2, "completion": batch["chosen"] + batch["rejected"],
+             "label": [True] * n + [False] * n, "conversational": batch["conversational"] * 2}, indices * 2)
+
+
+def _tokenize_preference(batch: dict[str, list[Any]], indices: list[int], tokenizer: Any,
+                         chat_template: str | None) -> dict[str, list[Any]]:
+    """TRL's DPO and KTO tokenization (``DPOTrainer._prepare_dataset``, ``KTOTrainer._prepare_dataset``),
+    batched: text answers get EOS; the prompt is what the tokenized prompt and each tokenized
+    prompt+answer share (conversational: the chat template, the prompt with the generation prompt).
+    Pairs give ``prompt_ids``, ``chosen_ids`` and ``rejected_ids``; feedback rows ``prompt_ids``,
+    ``completion_ids``, ``label`` and their source ``row`` (KTO trains them shuffled: the checks name
+    rows by it)."""
     eos = tokenizer.eos_token or ""
-    out: dict[str, list[Any]] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    answers = ["completion"] if "label" in batch else ["chosen", "rejected"]
     if all(kind == "text" for kind in batch["conversational"]):
-        chosen = [c if c.endswith(eos) else c + eos for c in batch["chosen"]]
-        rejected = [r if r.endswith(eos) else r + eos for r in batch["rejected"]]
         prompts = tokenizer(batch["prompt"])["input_ids"]
-        with_chosen = tokenizer([p + c for p, c in zip(batch["prompt"], chosen, strict=True)])["input_ids"]
-        with_rejected = tokenizer([p + r for p, r in zip(batch["prompt"], rejected, strict=True)])["input_ids"]
+        full = [tokenizer([p + (a if a.endswith(eos) else a + eos) for p, a in
+                           zip(batch["prompt"], batch[name], strict=True)])["input_ids"] for name in answers]
     else:
         from jinja2 import TemplateError
 
@@ -919,81 +952,99 @@ def _tokenize_pairs(batch: dict[str, list[Any]], indices: list[int], tokenizer: 
                                                      chat_template=chat_template,
                                                      add_generation_prompt=generation)["input_ids"]
             except (TemplateError, TypeError, ValueError, KeyError) as err:
-                raise InvalidDataset(f"the chat template cannot render the preference rows {indices[0]}-"
-                                     f"{indices[-1]}: {type(err).__name__}: {err}") from err
+                raise InvalidDataset(f"the chat template cannot render the preference rows {min(indices)}-"
+                                     f"{max(indices)}: {type(err).__name__}: {err}") from err
 
         prompt_turns = [json.loads(p) for p in batch["prompt"]]
         prompts = render(prompt_turns, generation=True)
-        with_chosen = render([p + json.loads(c) for p, c in zip(prompt_turns, batch["chosen"], strict=True)])
-        with_rejected = render([p + json.loads(r) for p, r in zip(prompt_turns, batch["rejected"], strict=True)])
-    for p, c, r in zip(prompts, with_chosen, with_rejected, strict=True):
-        shared = min(_common_prefix(p, c), _common_prefix(p, r))
+        full = [render([p + json.loads(a) for p, a in zip(prompt_turns, batch[name], strict=True)])
+                for name in answers]
+    out: dict[str, list[Any]] = {"prompt_ids": [], **{f"{name}_ids": [] for name in answers}}
+    for i, p in enumerate(prompts):
+        shared = min(_common_prefix(p, ids[i]) for ids in full)
         out["prompt_ids"].append(list(p[:shared]))
-        out["chosen_ids"].append(list(c[shared:]))
-        out["rejected_ids"].append(list(r[shared:]))
+        for name, ids in zip(answers, full, strict=True):
+            out[f"{name}_ids"].append(list(ids[i][shared:]))
+    if "label" in batch:
+        out["label"], out["row"] = list(batch["label"]), list(indices)
     return out
 
 
 @dataclass
 class PairStats:
     pairs: int
-    tokens: int  # prompt + chosen + rejected, before truncation
+    tokens: int  # prompt + chosen + rejected (feedback: prompt + completion), before truncation
     truncated: int  # pairs whose prompt + longer answer exceeds maxLength (cut at maxLength, keep_start)
     truncated_tokens: int
     longest_prompt: int
+    desirable: int = 0  # feedback rows labelled true
+
+
+def _listed(rows: list[int]) -> str:
+    unique = list(dict.fromkeys(rows))
+    return ", ".join(map(str, unique[:MAX_LISTED])) + (
+        f" (and {len(unique) - MAX_LISTED} more)" if len(unique) > MAX_LISTED else "")
 
 
 def check_pairs(tokenized: Any, max_length: int, max_prompt_length: int | None,
-                max_truncated_fraction: float = 0.05) -> PairStats:
-    """The token checks of preference pairs: a prompt longer than ``max_prompt_length`` (default
-    maxLength - 1: an answer must keep a token) fails, naming the rows; pairs cut at maxLength (the
-    prompt and the longer answer, TRL's keep_start truncation) fail above maxTruncatedFraction."""
+                max_truncated_fraction: float = 0.05, setting: str = "dpo.maxPromptLength") -> PairStats:
+    """The token checks of preference data (pairs, or KTO's feedback rows): a prompt longer than
+    ``max_prompt_length`` (default maxLength - 1: an answer must keep a token) fails, naming the rows;
+    sequences cut at maxLength (the prompt and the longer answer, TRL's keep_start truncation) fail
+    above maxTruncatedFraction. Feedback rows need both labels: KTO learns from the contrast."""
     limit = max_prompt_length or max_length - 1
-    pairs = tokens = cut_tokens = longest = 0
+    feedback = "completion_ids" in tokenized.column_names
+    what = "rows" if feedback else "pairs"
+    count = tokens = cut_tokens = longest = desirable = 0
     long_prompts: list[int] = []
     cut_rows: list[int] = []
     for batch in tokenized.iter(batch_size=10_000):
-        for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], strict=True):
+        answers = [batch["completion_ids"]] if feedback else [batch["chosen_ids"], batch["rejected_ids"]]
+        rows = batch["row"] if feedback else range(count, count + len(batch["prompt_ids"]))
+        for p, row, *ans in zip(batch["prompt_ids"], rows, *answers, strict=True):
             if len(p) > limit:
-                long_prompts.append(pairs)
-            over = len(p) + max(len(c), len(r)) - max_length
+                long_prompts.append(row)
+            over = len(p) + max(map(len, ans)) - max_length
             if over > 0:
-                cut_rows.append(pairs)
+                cut_rows.append(row)
                 cut_tokens += over
-            pairs += 1
-            tokens += len(p) + len(c) + len(r)
+            count += 1
+            tokens += len(p) + sum(map(len, ans))
             longest = max(longest, len(p))
+        desirable += sum(batch["label"]) if feedback else 0
     if long_prompts:
-        rows = ", ".join(map(str, long_prompts[:MAX_LISTED])) + (
-            f" (and {len(long_prompts) - MAX_LISTED} more)" if len(long_prompts) > MAX_LISTED else "")
         raise InvalidDataset(
-            f"{len(long_prompts)} of {pairs} prompts are longer than {limit} tokens ("
-            f"{'dpo.maxPromptLength' if max_prompt_length else 'training.maxLength - 1'}; longest {longest}): "
-            f"training split rows {rows}; shorten them, or raise training.maxLength")
-    if len(cut_rows) > max_truncated_fraction * pairs:
-        rows = ", ".join(map(str, cut_rows[:MAX_LISTED])) + (
-            f" (and {len(cut_rows) - MAX_LISTED} more)" if len(cut_rows) > MAX_LISTED else "")
+            f"{len(long_prompts)} of {count} prompts are longer than {limit} tokens ("
+            f"{setting if max_prompt_length else 'training.maxLength - 1'}; longest {longest}): "
+            f"training split rows {_listed(long_prompts)}; shorten them, or raise training.maxLength")
+    if len(cut_rows) > max_truncated_fraction * count:
         raise InvalidDataset(
-            f"{len(cut_rows)} of {pairs} pairs ({len(cut_rows) / pairs:.1%}) are longer than training.maxLength="
+            f"{len(cut_rows)} of {count} {what} ({len(cut_rows) / count:.1%}) are longer than training.maxLength="
             f"{max_length} tokens (prompt + answer) and would be truncated, cutting {cut_tokens} tokens; training "
-            f"split rows {rows}. That is more than training.maxTruncatedFraction={max_truncated_fraction:g}: raise "
-            "training.maxLength, shorten the answers, or raise training.maxTruncatedFraction")
-    return PairStats(pairs, tokens, len(cut_rows), cut_tokens, longest)
+            f"split rows {_listed(cut_rows)}. That is more than training.maxTruncatedFraction="
+            f"{max_truncated_fraction:g}: raise training.maxLength, shorten the answers, or raise "
+            "training.maxTruncatedFraction")
+    if feedback and desirable in (0, count):
+        raise InvalidDataset(
+            f"all {count} training rows are labelled {str(desirable > 0).lower()}: KTO learns from desirable and "
+            "undesirable completions both; add rows of the other label (or use method sft on the desirable ones)")
+    return PairStats(count, tokens, len(cut_rows), cut_tokens, longest, desirable)
 
 
 def tokenize(ds: Any, tokenizer: Any, assistant_only: bool = False, chat_template: str | None = None,
-             workers: int = 1) -> Any:
+             workers: int = 1, unpaired: bool = False) -> Any:
     """The split as TRL's pre-tokenized dataset: ``input_ids`` and ``labels`` (-100 where no loss).
 
     SFTTrainer uses such a dataset as it is (no second tokenization, no label pass) and only packs
     it, so the check below counts exactly the tokens that are trained. Batched: the Rust tokenizer
     encodes a whole batch on all the CPUs' threads, so one process is the default; ``workers``
-    processes measured slower (docs/benchmarks.md, Data preparation)."""
+    processes measured slower (docs/benchmarks.md, Data preparation). Preference data gets DPO's or
+    KTO's columns (:func:`_tokenize_preference`); ``unpaired`` splits pairs into KTO's feedback rows."""
     return ds.map(_tokenize_batch, batched=True, batch_size=TOKENIZE_BATCH, with_indices=True,
                   num_proc=workers if workers > 1 else None, remove_columns=ds.column_names,
                   desc="Tokenizing" if workers > 1 else None,
                   fn_kwargs={"tokenizer": tokenizer, "assistant_only": assistant_only,
-                             "chat_template": chat_template})
+                             "chat_template": chat_template, "unpaired": unpaired})
 
 
 # Packings that cut a sample at maxLength (TRL truncates it before packing or padding); wrapped

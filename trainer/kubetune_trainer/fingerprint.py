@@ -3,17 +3,19 @@ same run (docs/trainer.md, "Bound to the spec").
 
 The fingerprint hashes three things:
 
-* the spec fields that change the trained adapter: ``model`` (name or uri, revision),
-  ``quantization``, ``lora``, ``dataset`` (source, uri, split, eval split, format and its fields)
-  and ``training`` — minus the fields that only change how a run is watched or stored
-  (:data:`OPERATIONAL`). Names, ``suspend``, ``resources`` (GPUs and nodes too: a checkpoint
-  resumes with any number of ranks), ``training.distributed``, ``storage``, ``tracking``, ``image``,
-  ``pod``, retries and ``merge`` never count. A new field counts unless it is listed there, so the rule
-  errs on the side of "another run";
+* the spec fields that change the trained adapter: ``model`` (name or uri, revision, the adapter it
+  continues), ``quantization``, ``lora``, ``dataset`` (source, uri, split, eval split, format and
+  its fields), ``training``, and for methods other than sft ``method`` and its settings (``dpo``,
+  ``kto``; an sft run's fingerprint is what it was before methods existed) — minus the fields that
+  only change how a run is watched or stored (:data:`OPERATIONAL`). Names, ``suspend``,
+  ``resources`` (GPUs and nodes too: a checkpoint resumes with any number of ranks),
+  ``training.distributed``, ``storage``, ``tracking``, ``image``, ``pod``, retries and ``merge``
+  never count. A new field counts unless it is listed there, so the rule errs on the side of
+  "another run";
 * the dataset's content: the ETag and size of every object under an ``s3://`` uri, or the sha256 of
   every local file (a hub id or ``hub://`` dataset counts by its name only);
 * the model's content for ``model.uri`` (ETags); a hub ``model.name`` counts by name and revision
-  (pin ``model.revision`` to make that exact).
+  (pin ``model.revision`` to make that exact); the content of ``model.adapterFrom.uri`` (ETags).
 
 ``manifest.json`` and every checkpoint pointer carry it with its inputs and the run's owner. A
 complete run with the same fingerprint is reused; anything else at that output is refused with
@@ -59,6 +61,9 @@ def spec_inputs(spec: api.FineTuneJobSpec) -> dict[str, Any]:
         for key in OPERATIONAL.get(section, ()):
             value.pop(key, None)
         out[section] = value
+    if spec.method != "sft":
+        out["method"] = spec.method
+        out[spec.method] = (spec.dpo_settings() if spec.method == "dpo" else spec.kto_settings()).to_wire()
     if "eval" in out["dataset"]:
         out["dataset"]["eval"] = {k: v for k, v in out["dataset"]["eval"].items()
                                   if k not in OPERATIONAL["dataset.eval"]}
@@ -103,6 +108,9 @@ def run_inputs(spec: api.FineTuneJobSpec, store: Store) -> dict[str, Any]:
     inputs = spec_inputs(spec)
     inputs["datasetContent"] = content_digest(spec.dataset.uri, store)
     inputs["modelContent"] = content_digest(spec.model.uri, store) if spec.model.uri else None
+    adapter = spec.model.adapter_from.uri if spec.model.adapter_from else None
+    if adapter:  # only then: an unchained run's fingerprint is unchanged
+        inputs["adapterContent"] = content_digest(adapter, store)
     return inputs
 
 
@@ -128,14 +136,22 @@ def differences(theirs: dict[str, Any], ours: dict[str, Any], prefix: str = "") 
             out += differences(a, b, f"{path}.")
         elif a != b and key in CONTENT:
             section, what = CONTENT[key]
-            if (theirs.get(section) or {}).get("uri") == (ours.get(section) or {}).get("uri"):
+            if _uri(theirs, section) == _uri(ours, section):
                 out.append(f"the {what}'s content (the files at {section}.uri changed)")
         elif a != b:
             out.append(f"{path} ({_short(a)} there, {_short(b)} here)")
     return out
 
 
-CONTENT = {"datasetContent": ("dataset", "dataset"), "modelContent": ("model", "model")}
+CONTENT = {"datasetContent": ("dataset", "dataset"), "modelContent": ("model", "model"),
+           "adapterContent": ("model.adapterFrom", "continued adapter")}
+
+
+def _uri(inputs: dict[str, Any], section: str) -> Any:
+    node: Any = inputs
+    for part in section.split("."):
+        node = (node or {}).get(part) if isinstance(node, dict) else None
+    return (node or {}).get("uri") if isinstance(node, dict) else None
 
 
 def _short(value: Any) -> str:

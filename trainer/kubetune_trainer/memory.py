@@ -163,12 +163,12 @@ def setup_for(spec: api.FineTuneJobSpec, bits: int, varlen: bool, on_gpu: bool, 
     t = spec.training
     rows, _ = micro_batching(t, varlen)
     packed = t.packing in ("bfd", "bfd_split")
-    if spec.method == "dpo":  # padded pairs, chosen and rejected in one batch (and the reference's forward)
-        rows, packed = 2 * t.batch_size, False
+    if spec.method in ("dpo", "kto"):  # padded: DPO's chosen and rejected, KTO's completions and their KL
+        rows, packed = 2 * t.batch_size, False  # mismatches, in one forward (and the reference's, without grad)
     return Setup(
         bits=bits, double_quant=spec.quantization.double_quant, tokens=rows * t.max_length,
         row_tokens=rows * t.max_length if packed else t.max_length,
-        mask=not varlen and (t.packing != "wrapped" or spec.method == "dpo"), checkpointing=t.gradient_checkpointing,
+        mask=not varlen and (t.packing != "wrapped" or spec.method != "sft"), checkpointing=t.gradient_checkpointing,
         compute_bytes=2 if on_gpu and t.bf16 else 4,
         optimizer_state=OPTIMIZER_STATE_BYTES.get(t.optimizer, 8), shards=shards, on_gpu=on_gpu,
     )

@@ -77,7 +77,8 @@ def key_inputs(spec: api.FineTuneJobSpec, inputs: dict[str, Any]) -> dict[str, A
 
     dataset = {k: v for k, v in (spec.dataset.to_wire() or {}).items() if k != "secretRef"}
     model = {k: v for k, v in (spec.model.to_wire() or {}).items() if k != "secretRef"}
-    return {"format": FORMAT, "dataset": dataset, "datasetContent": inputs.get("datasetContent"),
+    method = {"method": spec.method} if spec.method != "sft" else {}  # kto splits pairs: other rows
+    return {"format": FORMAT, **method, "dataset": dataset, "datasetContent": inputs.get("datasetContent"),
             "model": model, "modelContent": inputs.get("modelContent"), "seed": spec.training.seed,
             "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
                          "datasets": datasets.__version__}}
@@ -142,11 +143,12 @@ def build(spec: api.FineTuneJobSpec, ctx: PodContext, store: Store, tokenizer: A
     ctx.reporter.patch({"stage": f"preparing: loading dataset {spec.dataset.uri}"})
     splits = data.load_splits(spec.dataset, store, ranks.work_dir(ctx.work_dir), spec.training.seed)
     ctx.reporter.patch({"stage": f"preparing: tokenizing {len(splits.train)} samples"})
-    tokenized = {"train": data.tokenize(splits.train, tokenizer, assistant_only, chat_template)}
+    unpaired = spec.method == "kto"  # kto on preference pairs: a desirable and an undesirable row each
+    tokenized = {"train": data.tokenize(splits.train, tokenizer, assistant_only, chat_template, unpaired=unpaired)}
     if splits.eval is not None:
         rows = eval_subset(splits.eval, spec.dataset.eval.max_samples if spec.dataset.eval else None,
                            spec.training.seed)
-        tokenized["eval"] = data.tokenize(rows, tokenizer, assistant_only, chat_template)
+        tokenized["eval"] = data.tokenize(rows, tokenizer, assistant_only, chat_template, unpaired=unpaired)
     shutil.rmtree(local, ignore_errors=True)
     local.mkdir(parents=True)
     for name, ds in tokenized.items():
@@ -179,11 +181,13 @@ def eval_subset(rows: Any, max_samples: int | None, seed: int) -> Any:
 
 
 def lengths(ds: Any) -> Any:
-    """Each sample's tokens: its input_ids, or a preference pair's prompt and longer answer (a sequence
-    DPO trains on)."""
+    """Each sample's tokens: its input_ids, a preference pair's prompt and longer answer (a sequence
+    DPO trains on), or a feedback row's prompt and completion (KTO)."""
     for batch in ds.iter(batch_size=10_000):
         if "input_ids" in batch:
             yield from (len(ids) for ids in batch["input_ids"])
+        elif "completion_ids" in batch:
+            yield from (len(p) + len(c) for p, c in zip(batch["prompt_ids"], batch["completion_ids"], strict=True))
         else:
             yield from (len(p) + max(len(c), len(r)) for p, c, r in
                         zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], strict=True))
@@ -207,12 +211,14 @@ def length_histogram(ds: Any) -> dict[str, int]:
 def check(spec: api.FineTuneJobSpec, prepared: Prepared, assistant_only: bool) -> dict[str, Any]:
     """The token checks with this job's settings (InvalidDataset names the rows); returns status.data."""
     t = spec.training
-    if spec.method == "dpo":
-        pairs = data.check_pairs(prepared.train, t.max_length, spec.dpo_settings().max_prompt_length,
-                                 max_truncated_fraction=t.max_truncated_fraction)
+    if spec.method in ("dpo", "kto"):
+        limit = (spec.dpo_settings() if spec.method == "dpo" else spec.kto_settings()).max_prompt_length
+        pairs = data.check_pairs(prepared.train, t.max_length, limit, max_truncated_fraction=t.max_truncated_fraction,
+                                 setting=f"{spec.method}.maxPromptLength")
         return {**prepared.rows, "evalSamples": len(prepared.eval) if prepared.eval is not None else 0,
                 "tokens": pairs.tokens, "samplesOverMaxLength": pairs.truncated, "truncatedSamples": pairs.truncated,
-                "truncatedTokens": pairs.truncated_tokens, "preparedUri": prepared.uri}
+                "truncatedTokens": pairs.truncated_tokens, "preparedUri": prepared.uri,
+                **({"trainingRows": pairs.pairs, "desirableSamples": pairs.desirable} if spec.method == "kto" else {})}
     stats = data.check_tokens(prepared.train, t.max_length, t.packing, assistant_only,
                               max_truncated_fraction=t.max_truncated_fraction)
     return data_report(prepared, stats)

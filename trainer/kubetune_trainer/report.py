@@ -59,6 +59,12 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str = "") ->
     return path
 
 
+# methods dpo and kto: TRL's logged reward metrics -> status.progress fields (and the report's, "final...")
+PREFERENCE_METRICS = {"rewards/accuracies": "rewardAccuracy", "rewards/margins": "rewardMargin",
+                      "rewards/chosen": "rewardChosen", "rewards/rejected": "rewardRejected", "kl": "kl",
+                      "eval_rewards/accuracies": "evalRewardAccuracy", "eval_rewards/margins": "evalRewardMargin"}
+
+
 def metrics_from(log_history: list[dict[str, Any]], train_metrics: dict[str, Any], resumed: bool = False
                  ) -> dict[str, Any]:
     """Final metrics for the manifest and report (camelCase), from the whole run's ``log_history``
@@ -76,6 +82,10 @@ def metrics_from(log_history: list[dict[str, Any]], train_metrics: dict[str, Any
     if evaluation:
         out["finalEvalLoss"] = evaluation[-1][1]
         out["finalEvalPerplexity"] = math.exp(min(evaluation[-1][1], 700.0))
+    for key, name in PREFERENCE_METRICS.items():  # methods dpo and kto: the last logged value
+        logged = [entry[key] for entry in log_history if key in entry]
+        if logged:
+            out[f"final{name[0].upper()}{name[1:]}"] = logged[-1]
     mapping = {"total_flos": "totalFlos"}
     if not resumed:
         mapping.update({"train_runtime": "trainRuntimeSeconds", "train_samples_per_second": "samplesPerSecond"})
@@ -83,6 +93,18 @@ def metrics_from(log_history: list[dict[str, Any]], train_metrics: dict[str, Any
         if key in train_metrics:
             out[name] = train_metrics[key]
     return out
+
+
+def method_summary(spec: api.FineTuneJobSpec) -> str:
+    if spec.method == "dpo":
+        d = spec.dpo_settings()
+        return f"dpo (beta {d.beta}, loss {d.loss_type}" + (f", label smoothing {d.label_smoothing}"
+                                                           if d.label_smoothing else "") + ")"
+    if spec.method == "kto":
+        k = spec.kto_settings()
+        return (f"kto (beta {k.beta}, loss {k.loss_type}, weights {k.desirable_weight} desirable / "
+                f"{k.undesirable_weight} undesirable)")
+    return "sft"
 
 
 def render_report(name: str, spec: api.FineTuneJobSpec, result: dict[str, Any], metrics: dict[str, Any],
@@ -105,6 +127,7 @@ def render_report(name: str, spec: api.FineTuneJobSpec, result: dict[str, Any], 
         "",
         "| setting | value |",
         "|---|---|",
+        f"| method | {method_summary(spec)} |",
         f"| quantization | {q.bits}-bit" + (f" {q.type}, double quant {q.double_quant}" if q.bits == 4 else "") + " |",
         f"| LoRA | r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets={','.join(lora.target_modules)} |",
         f"| packing | {t.packing}, maxLength {t.max_length} |",

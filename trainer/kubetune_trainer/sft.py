@@ -141,8 +141,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
             model=model,
             args=sft_config(spec.training, work / "trainer", has_eval=eval_set is not None, wandb=wandb_on,
                             run_name=ctx.name, varlen_attention=model.config._attn_implementation.startswith("flash"),
-                            ranks=ranks.world, fsdp=strategy == "fsdp", dpo=spec.dpo_settings()
-                            if spec.method == "dpo" else None),
+                            ranks=ranks.world, fsdp=strategy == "fsdp", method=method_settings(spec)),
             train_dataset=train_set,
             eval_dataset=eval_set,
             processing_class=tokenizer,
@@ -316,7 +315,8 @@ def micro_batching(t: api.Training, varlen_attention: bool) -> tuple[int, int]:
 
 
 def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, run_name: str | None,
-               varlen_attention: bool = False, ranks: int = 1, fsdp: bool = False, dpo: api.Dpo | None = None) -> Any:
+               varlen_attention: bool = False, ranks: int = 1, fsdp: bool = False,
+               method: api.Dpo | api.Kto | None = None) -> Any:
     """TRL SFTConfig from spec.training. bf16 only when asked and the GPU supports it. The datasets
     come tokenized with their labels (:func:`data.tokenize`): TRL only packs them, in this process.
 
@@ -325,23 +325,33 @@ def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, r
     gradient checkpointing is non-reentrant with no search for unused parameters (the frozen 4-bit
     base has none that DDP tracks). ``fsdp``: FSDP shards the base over the ranks instead (full
     shard, each decoder layer a unit, the LoRA layers units of their own: transformers' FSDP-QLoRA
-    path), and the adapter is gathered to rank 0 to be saved."""
+    path), and the adapter is gathered to rank 0 to be saved.
+
+    ``method`` (spec.dpo or spec.kto): DPOConfig or KTOConfig with the same training settings and
+    that method's own, one padded sample (pair, or completion) per row instead of packing."""
     import torch
     from trl import SFTConfig
 
     cuda = modeling.use_cuda()
     bf16, fp16 = modeling.mixed_precision(t.bf16, cuda, torch.cuda.get_device_capability() if cuda else None)
-    micro_batch, accumulation = micro_batching(t, varlen_attention) if dpo is None else (
-        t.batch_size, t.gradient_accumulation_steps)  # DPO pads pairs: no packing
+    micro_batch, accumulation = micro_batching(t, varlen_attention) if method is None else (
+        t.batch_size, t.gradient_accumulation_steps)  # DPO and KTO pad their sequences: no packing
     method_args: dict[str, Any] = {"packing": t.packing != "none"}
     if t.packing != "none":
         method_args["packing_strategy"] = t.packing  # bfd, bfd_split and wrapped are TRL's own names
-    config_class = SFTConfig
-    if dpo is not None:
+    config_class: Any = SFTConfig
+    if isinstance(method, api.Dpo):
         from trl import DPOConfig
 
         config_class = DPOConfig
-        method_args = {"beta": dpo.beta, "loss_type": [dpo.loss_type], "label_smoothing": dpo.label_smoothing}
+        method_args = {"beta": method.beta, "loss_type": [method.loss_type],
+                       "label_smoothing": method.label_smoothing}
+    elif isinstance(method, api.Kto):
+        from trl import KTOConfig
+
+        config_class = KTOConfig  # trains in a fixed order (its KL term pairs neighbours): shuffled once, seeded
+        method_args = {"beta": method.beta, "loss_type": method.loss_type, "desirable_weight": method.desirable_weight,
+                       "undesirable_weight": method.undesirable_weight, "train_sampling_strategy": "sequential"}
     return config_class(
         output_dir=str(output_dir),
         run_name=run_name,
@@ -406,14 +416,38 @@ def adapter_in_float32(model: Any) -> None:
             param.data = param.data.to(torch.float32)
 
 
-def trainer_class(method: str = "sft") -> Any:
-    """TRL's SFTTrainer (DPOTrainer for method dpo), with an evaluation that a SIGTERM can cut short
-    (the checkpoint that follows must fit the pod's grace period; :class:`checkpoints.PreemptionHandler`).
-    The DPO trainer takes the prepared pairs as they are (prompt_ids, chosen_ids, rejected_ids:
-    :func:`data.tokenize`, the same tokenization): no second one in the GPU pod."""
-    from trl import DPOTrainer, SFTTrainer
+def method_settings(spec: api.FineTuneJobSpec) -> api.Dpo | api.Kto | None:
+    """spec.dpo or spec.kto (defaults when unset) for those methods; None for sft."""
+    if spec.method == "sft":
+        return None
+    return spec.dpo_settings() if spec.method == "dpo" else spec.kto_settings()
 
-    class Trainer(DPOTrainer if method == "dpo" else SFTTrainer):  # type: ignore[misc]
+
+def kto_order(dataset: Any, seed: int, batch_size: int, kl: bool) -> Any:
+    """KTO's training rows: shuffled once with the seed (KTOTrainer reads them in order, and
+    feedback data often comes sorted by label, or unpaired as all chosen then all rejected), then, for
+    the KL term, each row's mismatched completion: the previous row's in its batch, as
+    ``KTOTrainer._prepare_dataset`` rotates them."""
+    dataset = dataset.shuffle(seed=seed).flatten_indices()
+    if not kl:
+        return dataset
+
+    def rotate(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return {"KL_completion_ids": [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]}
+
+    return dataset.map(rotate, batched=True, batch_size=batch_size)
+
+
+def trainer_class(method: str = "sft") -> Any:
+    """TRL's SFTTrainer (DPOTrainer, KTOTrainer for methods dpo, kto), with an evaluation that a
+    SIGTERM can cut short (the checkpoint that follows must fit the pod's grace period;
+    :class:`checkpoints.PreemptionHandler`). DPO and KTO take the prepared data as it is (prompt_ids
+    and the answers' ids: :func:`data.tokenize`, the same tokenization): no second one in the GPU pod."""
+    from trl import DPOTrainer, KTOTrainer, SFTTrainer
+
+    base = {"dpo": DPOTrainer, "kto": KTOTrainer}.get(method, SFTTrainer)
+
+    class Trainer(base):  # type: ignore[misc,valid-type]
         def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
             try:
                 return super().evaluate(*args, **kwargs)  # type: ignore[no-any-return]
@@ -422,9 +456,12 @@ def trainer_class(method: str = "sft") -> Any:
                 return {}
 
         def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
-            if method == "dpo" and "prompt_ids" in dataset.column_names:
-                return dataset  # prepared (checked: no prompt fills maxLength)
-            return super()._prepare_dataset(dataset, *args, **kwargs)
+            if method == "sft" or "prompt_ids" not in dataset.column_names:
+                return super()._prepare_dataset(dataset, *args, **kwargs)
+            if method == "kto":  # prepared (checked: no prompt fills maxLength), then what KTOTrainer adds
+                config = args[1]  # (processing_class, args, name): called before Trainer sets self.args
+                return kto_order(dataset, config.seed, config.per_device_train_batch_size, self.calculate_KL)
+            return dataset  # dpo: prepared and checked
 
     return Trainer
 
