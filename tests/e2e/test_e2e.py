@@ -311,7 +311,8 @@ def test_sft_then_dpo_on_its_adapter_then_merge(system: System, tmp_path: Path) 
     sft_job, dpo, merge = docs
     system.cluster.apply(dpo, merge, sft_job, namespace=system.namespace)
     waiting = wait_for(lambda: phase_is(system, FTJ, "assistant-dpo", "Pending"), 60, "assistant-dpo pending")
-    assert condition(waiting, "Ready")["reason"] in ("WaitingForFineTuneJob", "Preparing"), waiting["status"]
+    # applied before the SFT job: not found yet, or waiting for it (woken when it appears)
+    assert condition(waiting, "Ready")["reason"] in ("FineTuneJobNotFound", "WaitingForFineTuneJob"), waiting["status"]
     first = wait_phase(system, FTJ, "assistant-sft", "Succeeded", "Failed")
     assert first["status"]["phase"] == "Succeeded", f"{first['status']}\n{system.diagnostics()}"
     ftj = wait_phase(system, FTJ, "assistant-dpo", "Succeeded", "Failed")
