@@ -51,24 +51,21 @@ def test_smollm2_learns_a_fact(smollm2_dir: Path, tmp_path: Path) -> None:
     assert "Podville" in after and "Podville" not in before
 
 
-@pytest.mark.parametrize("method", ["dpo", "kto"])
-def test_smollm2_learns_a_preference(method: str, smollm2_dir: Path, tmp_path: Path) -> None:
-    """DPO and KTO on SmolLM2-135M-Instruct (4-bit, its chat template): on held-out conversations the
-    polite answers end up rewarded above the rude ones (DPO: reward accuracy above chance; KTO: the
-    desirable completions' reward above the undesirable ones')."""
+def test_smollm2_learns_a_preference(smollm2_dir: Path, tmp_path: Path) -> None:
+    """DPO on SmolLM2-135M-Instruct (4-bit, its chat template): on held-out conversations the polite
+    answers end up rewarded above the rude ones, reward accuracy well above chance (KTO runs the same
+    path on the tiny model: tests/trainer/test_trainer_kto.py)."""
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs(48, seed=1, conversational=True))
     doc = spec_doc({"name": str(smollm2_dir)}, {"source": "jsonl", "uri": str(data), "format": "preference",
                                                 "eval": {"fraction": 0.25}},
                    "s3://unused/x", maxSteps=8, batchSize=4, maxLength=96, learningRate=1e-3, loggingSteps=2,
                    evalSteps=8)
-    doc.update(method=method, prepare={"mode": "inline"})
+    doc.update(method="dpo", prepare={"mode": "inline"})
     spec = api.FineTuneJobSpec.model_validate(doc)
     spec = spec.model_copy(update={"output": api.S3Output.model_construct(uri=str(tmp_path / "out"))})
     ctx = make_pod(tmp_path / "work")
     patches = recorder(ctx)
     result = sft.train(spec, ctx)
-    evals = [p["progress"] for p in patches if "evalRewardMargin" in (p.get("progress") or {})]
-    print(f"SmolLM2-135M {method} on CPU: {result['progress'].get('tokensPerSecond')} tokens/s, eval {evals[-1]}")
-    assert evals[-1]["evalRewardMargin"] > 0, evals
-    if method == "dpo":
-        assert evals[-1]["evalRewardAccuracy"] > 0.75, evals
+    evals = [p["progress"] for p in patches if "evalRewardAccuracy" in (p.get("progress") or {})]
+    print(f"SmolLM2-135M dpo on CPU: {result['progress'].get('tokensPerSecond')} tokens/s, eval {evals[-1]}")
+    assert evals[-1]["evalRewardAccuracy"] > 0.75 and evals[-1]["evalRewardMargin"] > 0, evals
