@@ -641,7 +641,6 @@ class RowFormatter:
                            _Problems("each completion needs content"),
                            _Problems(f"column {spec.label_field!r} (dataset.labelField) must hold true or false")]
             self.kind = None
-            self.labels = [0, 0]  # undesirable, desirable
         else:
             tools = [spec.tools_field] if spec.tools_field in raw.columns else []
             self.inputs, self.outputs = [spec.messages_field, *tools], ["messages", *(["tools"] if tools else [])]
@@ -780,7 +779,6 @@ class RowFormatter:
                 out[name].append(value)
             if feedback:
                 out["label"].append(bool(label))
-                self.labels[bool(label)] += 1
             out["conversational"].append(kind)
 
     def finish(self) -> None:
