@@ -163,3 +163,24 @@ def test_method_settings_and_the_continued_adapter_count_in_the_fingerprint(s3: 
         "the continued adapter's content (the files at model.adapterFrom.uri changed)"]
     assert "adapterContent" not in fingerprint.run_inputs(base, store)
     json.dumps(before)  # stored in the manifest as it is
+
+
+def test_preference_and_feedback_from_parquet(tmp_path: Path, dataset_spec: Any, store: Store) -> None:
+    """Parquet, as users export it: message lists as structs (the nulls Arrow adds are dropped), labels
+    as booleans or 0/1 integers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pairs(4, conversational=True)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    splits = data.load_splits(dataset_spec(source="parquet", uri=str(tmp_path / "pairs.parquet"), format="preference"),
+                              store, tmp_path / "work", seed=0)
+    assert [json.loads(c) for c in splits.train["chosen"]] == [r["chosen"] for r in rows]
+    assert set(splits.train["conversational"]) == {"messages"}
+    for labels in ([True, False, True, False], [1, 0, 1, 0]):
+        table = [{"prompt": r["prompt"], "completion": r["chosen"], "label": label}
+                 for r, label in zip(rows, labels, strict=True)]
+        pq.write_table(pa.Table.from_pylist(table), tmp_path / "feedback.parquet")
+        splits = data.load_splits(dataset_spec(source="parquet", uri=str(tmp_path / "feedback.parquet"),
+                                               format="feedback"), store, tmp_path / "work", seed=0)
+        assert splits.train["label"] == [True, False, True, False]
