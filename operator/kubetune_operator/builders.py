@@ -612,6 +612,14 @@ def merge_job(body: dict[str, Any], spec: api.FineTuneJobSpec) -> dict[str, Any]
 # ----------------------------------------------------------------------------------------------
 
 
+def adapter_uri(ftj: dict[str, Any]) -> str:
+    """A succeeded FineTuneJob's adapter (status.adapterUri), for the jobs that build on it."""
+    adapter = (ftj.get("status") or {}).get("adapterUri")
+    if not adapter:
+        raise ValueError(f"FineTuneJob {ftj['metadata']['name']} has no status.adapterUri")
+    return str(adapter)
+
+
 def resolve_adapter_from(spec: api.FineTuneJobSpec, ftj: dict[str, Any] | None) -> api.FineTuneJobSpec:
     """The FineTuneJobSpec the pods get for ``model.adapterFrom.fineTuneJobRef``: that job's adapter
     uri. Its base must be this job's (name and revision, or uri): an adapter fits only its base."""
@@ -625,10 +633,7 @@ def resolve_adapter_from(spec: api.FineTuneJobSpec, ftj: dict[str, Any] | None) 
     if (theirs.name, theirs.uri, theirs.revision) != (ours.name, ours.uri, ours.revision):
         raise ValueError(f"model.adapterFrom: FineTuneJob {ref.fine_tune_job_ref.name} trained its adapter on "
                          f"{theirs.display()}, this job's base is {ours.display()}: an adapter fits only its base")
-    adapter = (ftj.get("status") or {}).get("adapterUri")
-    if not adapter:
-        raise ValueError(f"FineTuneJob {ftj['metadata']['name']} has no status.adapterUri")
-    model = ours.model_copy(update={"adapter_from": api.AdapterFrom(uri=adapter)})
+    model = ours.model_copy(update={"adapter_from": api.AdapterFrom(uri=adapter_uri(ftj))})
     return spec.model_copy(update={"model": model})
 
 
@@ -640,9 +645,7 @@ def resolve_merge_spec(spec: api.MergeJobSpec, ftj: dict[str, Any] | None) -> ap
     if ftj is None:
         raise ValueError("the referenced FineTuneJob is needed to resolve the MergeJob")
     ft_spec = api.FineTuneJobSpec.model_validate(ftj["spec"])
-    adapter = (ftj.get("status") or {}).get("adapterUri")
-    if not adapter:
-        raise ValueError(f"FineTuneJob {ftj['metadata']['name']} has no status.adapterUri")
+    adapter = adapter_uri(ftj)
     base = spec.source.base_model or ft_spec.model.model_copy(update={"adapter_from": None})  # a chained job's
     source = api.MergeSource(adapter_uri=adapter, base_model=base)  # adapter already holds the one it continued
     return spec.model_copy(update={"source": source, "storage": spec.storage or ft_spec.storage})
