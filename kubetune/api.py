@@ -768,8 +768,21 @@ class Kto(ApiModel):
     Default: training.maxLength - 1."""
 
 
+class Orpo(ApiModel):
+    """Odds Ratio Preference Optimization (TRL's ORPOTrainer): supervised fine-tuning on each pair's
+    chosen answer plus a penalty on the odds of the rejected one, in one run and without a reference
+    model (no SFT run needed first; one forward pass of the pair per step)."""
+
+    beta: float = Field(default=0.1, gt=0, le=10)
+    """Weight of the odds-ratio (preference) term next to the chosen answers' loss (the ORPO paper's
+    lambda; higher: the preference counts more)."""
+    max_prompt_length: int | None = Field(default=None, ge=1)
+    """Longest prompt in tokens; a longer one fails the run before training, naming the rows.
+    Default: training.maxLength - 1."""
+
+
 class FineTuneJobSpec(JobControls):
-    """A packed QLoRA supervised fine-tuning run, or preference tuning (spec.method dpo)."""
+    """A packed QLoRA supervised fine-tuning run, or preference tuning (spec.method dpo, orpo, kto)."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -785,18 +798,27 @@ class FineTuneJobSpec(JobControls):
                     "method dpo trains on dataset.format preference (prompt, chosen, rejected)",
                 ),
                 cel(
+                    "!has(self.method) || self.method != 'orpo' || (has(self.dataset.format)"
+                    " && self.dataset.format == 'preference')",
+                    "method orpo trains on dataset.format preference (prompt, chosen, rejected)",
+                ),
+                cel(
                     "!has(self.method) || self.method != 'kto' || (has(self.dataset.format)"
                     " && self.dataset.format in ['feedback', 'preference'])",
                     "method kto trains on dataset.format feedback (prompt, completion, label) or preference",
                 ),
                 cel(
                     "!has(self.dataset.format) || !(self.dataset.format in ['feedback', 'preference'])"
-                    " || (has(self.method) && self.method in ['dpo', 'kto'])",
-                    "dataset.format preference and feedback are preference data: set method dpo or kto",
+                    " || (has(self.method) && self.method in ['dpo', 'orpo', 'kto'])",
+                    "dataset.format preference and feedback are preference data: set method dpo, orpo or kto",
                 ),
                 cel(
                     "!has(self.dpo) || (has(self.method) && self.method == 'dpo')",
                     "spec.dpo configures method dpo: set method: dpo, or remove spec.dpo",
+                ),
+                cel(
+                    "!has(self.orpo) || (has(self.method) && self.method == 'orpo')",
+                    "spec.orpo configures method orpo: set method: orpo, or remove spec.orpo",
                 ),
                 cel(
                     "!has(self.kto) || (has(self.method) && self.method == 'kto')",
@@ -825,14 +847,17 @@ class FineTuneJobSpec(JobControls):
         }
     )
 
-    method: Literal["sft", "dpo", "kto"] = "sft"
+    method: Literal["sft", "dpo", "orpo", "kto"] = "sft"
     """sft: supervised fine-tuning on text, templates, prompt/completion pairs or conversations;
     dpo: preference tuning on prompt/chosen/rejected pairs (dataset.format preference, settings in
-    spec.dpo); kto: preference tuning on completions labelled desirable or not (dataset.format
-    feedback, or preference pairs split in two; settings in spec.kto). Both usually continue an SFT
-    run's adapter (model.adapterFrom)."""
+    spec.dpo); orpo: supervised and preference tuning in one run on the same pairs, no reference
+    model (settings in spec.orpo); kto: preference tuning on completions labelled desirable or not
+    (dataset.format feedback, or preference pairs split in two; settings in spec.kto). DPO and KTO
+    usually continue an SFT run's adapter (model.adapterFrom); ORPO usually starts from the base."""
     dpo: Dpo | None = None
     """Settings of method dpo (defaults when unset)."""
+    orpo: Orpo | None = None
+    """Settings of method orpo (defaults when unset)."""
     kto: Kto | None = None
     """Settings of method kto (defaults when unset)."""
     model: ModelSource
@@ -870,13 +895,13 @@ class FineTuneJobSpec(JobControls):
     @model_validator(mode="after")
     def _method(self) -> FineTuneJobSpec:
         fmt = self.dataset.format
-        if self.method == "dpo" and fmt != "preference":
-            raise ValueError("method dpo trains on dataset.format preference (prompt, chosen, rejected)")
+        if self.method in ("dpo", "orpo") and fmt != "preference":
+            raise ValueError(f"method {self.method} trains on dataset.format preference (prompt, chosen, rejected)")
         if self.method == "kto" and fmt not in ("feedback", "preference"):
             raise ValueError("method kto trains on dataset.format feedback (prompt, completion, label) or preference")
         if fmt in ("feedback", "preference") and self.method == "sft":
-            raise ValueError("dataset.format preference and feedback are preference data: set method dpo or kto")
-        for name in ("dpo", "kto"):
+            raise ValueError("dataset.format preference and feedback are preference data: set method dpo, orpo or kto")
+        for name in ("dpo", "orpo", "kto"):
             if getattr(self, name) is not None and self.method != name:
                 raise ValueError(f"spec.{name} configures method {name}: set method: {name}, or remove spec.{name}")
         if self.method == "kto" and self.kto_settings().loss_type == "kto" and self.training.batch_size < 2:
@@ -889,6 +914,13 @@ class FineTuneJobSpec(JobControls):
 
     def kto_settings(self) -> Kto:
         return self.kto or Kto()
+
+    def orpo_settings(self) -> Orpo:
+        return self.orpo or Orpo()
+
+    def method_settings(self) -> Dpo | Orpo | Kto | None:
+        """spec.dpo, spec.orpo or spec.kto (defaults when unset) for that method; None for sft."""
+        return None if self.method == "sft" else getattr(self, f"{self.method}_settings")()
 
     @model_validator(mode="after")
     def _ranks(self) -> FineTuneJobSpec:
@@ -924,20 +956,26 @@ class Progress(ApiModel):
     learning_rate: float | None = None
     """Current learning rate."""
     reward_accuracy: float | None = None
-    """method dpo: the share of pairs whose chosen answer the policy rewards above the rejected one
-    (latest logged steps; 0.5 is chance)."""
+    """methods dpo and orpo: the share of pairs whose chosen answer the policy rewards above the
+    rejected one (latest logged steps; 0.5 is chance)."""
     reward_margin: float | None = None
-    """methods dpo and kto: mean reward of the chosen (desirable) answers minus the rejected ones."""
+    """methods dpo, orpo and kto: mean reward of the chosen (desirable) answers minus the rejected ones."""
     reward_chosen: float | None = None
-    """methods dpo and kto: mean reward (beta x log-ratio to the reference) of the chosen answers."""
+    """methods dpo, orpo and kto: mean reward of the chosen answers (dpo, kto: beta x log-ratio to the
+    reference; orpo: beta x mean token log-probability)."""
     reward_rejected: float | None = None
-    """methods dpo and kto: mean reward of the rejected (undesirable) answers."""
+    """methods dpo, orpo and kto: mean reward of the rejected (undesirable) answers."""
     eval_reward_accuracy: float | None = None
-    """method dpo: rewardAccuracy on the evaluation pairs."""
+    """methods dpo and orpo: rewardAccuracy on the evaluation pairs."""
     eval_reward_margin: float | None = None
-    """methods dpo and kto: rewardMargin on the evaluation data."""
+    """methods dpo, orpo and kto: rewardMargin on the evaluation data."""
     kl: float | None = None
     """method kto: the estimated KL divergence of the policy from the reference."""
+    nll_loss: float | None = None
+    """method orpo: the supervised part of the loss (the chosen answers' negative log-likelihood)."""
+    log_odds_ratio: float | None = None
+    """method orpo: mean log odds ratio of the chosen answer over the rejected one (above 0: the
+    chosen answer is the likelier)."""
     tokens_per_second: float | None = None
     """Training throughput in tokens per second."""
     eta_seconds: int | None = Field(default=None, ge=0)

@@ -48,12 +48,18 @@ FEEDBACK = {"source": "jsonl", "uri": "s3://data/feedback.jsonl", "format": "fee
 
 # Methods and their data, refused the same way by the API models and by the CRDs' rules at
 # admission: (changes to minimal_ftj's spec, the message).
+PREFERENCE_NEEDS_A_METHOD = "dataset.format preference and feedback are preference data: set method dpo, orpo or kto"
 METHOD_CASES: list[tuple[dict[str, Any], str]] = [
     ({"method": "dpo"}, "method dpo trains on dataset.format preference (prompt, chosen, rejected)"),
     ({"method": "dpo", "dataset": FEEDBACK}, "method dpo trains on dataset.format preference"),
+    ({"method": "orpo"}, "method orpo trains on dataset.format preference (prompt, chosen, rejected)"),
+    ({"method": "orpo", "dataset": FEEDBACK}, "method orpo trains on dataset.format preference"),
+    ({"method": "dpo", "dataset": PREFERENCE, "orpo": {"beta": 0.2}},
+     "spec.orpo configures method orpo: set method: orpo, or remove spec.orpo"),
+    ({"method": "orpo", "dataset": PREFERENCE, "orpo": {"beta": 0}}, "greater than 0"),
     ({"method": "kto"}, "method kto trains on dataset.format feedback (prompt, completion, label) or preference"),
-    ({"dataset": PREFERENCE}, "dataset.format preference and feedback are preference data: set method dpo or kto"),
-    ({"dataset": FEEDBACK}, "dataset.format preference and feedback are preference data: set method dpo or kto"),
+    ({"dataset": PREFERENCE}, PREFERENCE_NEEDS_A_METHOD),
+    ({"dataset": FEEDBACK}, PREFERENCE_NEEDS_A_METHOD),
     ({"dpo": {"beta": 0.2}}, "spec.dpo configures method dpo: set method: dpo, or remove spec.dpo"),
     ({"method": "dpo", "dataset": PREFERENCE, "kto": {}}, "spec.kto configures method kto"),
     ({"method": "dpo", "dataset": PREFERENCE, "dpo": {"labelSmoothing": 0.5}}, "dpo.labelSmoothing must be below 0.5"),
@@ -67,6 +73,7 @@ METHOD_CASES: list[tuple[dict[str, Any], str]] = [
 METHOD_OK: list[dict[str, Any]] = [
     {"method": "dpo", "dataset": PREFERENCE, "dpo": {"beta": 0.5, "lossType": "ipo"}},
     {"method": "kto", "dataset": FEEDBACK, "kto": {"desirableWeight": 1.33}},
+    {"method": "orpo", "dataset": PREFERENCE, "orpo": {"beta": 0.25, "maxPromptLength": 8}},
     {"method": "kto", "dataset": PREFERENCE, "training": {"maxSteps": 10, "batchSize": 1},
      "kto": {"lossType": "apo_zero_unpaired"}},
     {"method": "dpo", "dataset": PREFERENCE,
