@@ -6,7 +6,7 @@ The fingerprint hashes three things:
 * the spec fields that change the trained adapter: ``model`` (name or uri, revision, the adapter it
   continues), ``quantization``, ``lora``, ``dataset`` (source, uri, split, eval split, format and
   its fields), ``training``, and for methods other than sft ``method`` and its settings (``dpo``,
-  ``kto``; an sft run's fingerprint is what it was before methods existed) — minus the fields that
+  ``orpo``, ``kto``; an sft run's fingerprint is what it was before methods existed) — minus the fields that
   only change how a run is watched or stored (:data:`OPERATIONAL`). Names, ``suspend``,
   ``resources`` (GPUs and nodes too: a checkpoint resumes with any number of ranks),
   ``training.distributed``, ``storage``, ``tracking``, ``image``, ``pod``, retries and ``merge``
@@ -63,7 +63,7 @@ def spec_inputs(spec: api.FineTuneJobSpec) -> dict[str, Any]:
         out[section] = value
     if spec.method != "sft":
         out["method"] = spec.method
-        out[spec.method] = (spec.dpo_settings() if spec.method == "dpo" else spec.kto_settings()).to_wire()
+        out[spec.method] = spec.method_settings().to_wire()  # type: ignore[union-attr]
     if "eval" in out["dataset"]:
         out["dataset"]["eval"] = {k: v for k, v in out["dataset"]["eval"].items()
                                   if k not in OPERATIONAL["dataset.eval"]}

@@ -163,8 +163,8 @@ def setup_for(spec: api.FineTuneJobSpec, bits: int, varlen: bool, on_gpu: bool, 
     t = spec.training
     rows, _ = micro_batching(t, varlen)
     packed = t.packing in ("bfd", "bfd_split")
-    if spec.method in ("dpo", "kto"):  # padded: DPO's chosen and rejected, KTO's completions and their KL
-        rows, packed = 2 * t.batch_size, False  # mismatches, in one forward (and the reference's, without grad)
+    if spec.method != "sft":  # padded: DPO's and ORPO's chosen and rejected, KTO's completions and their KL
+        rows, packed = 2 * t.batch_size, False  # mismatches, in one forward (DPO, KTO: the reference's too, no grad)
     return Setup(
         bits=bits, double_quant=spec.quantization.double_quant, tokens=rows * t.max_length,
         row_tokens=rows * t.max_length if packed else t.max_length,

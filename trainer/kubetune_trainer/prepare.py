@@ -77,7 +77,8 @@ def key_inputs(spec: api.FineTuneJobSpec, inputs: dict[str, Any]) -> dict[str, A
 
     dataset = {k: v for k, v in (spec.dataset.to_wire() or {}).items() if k != "secretRef"}
     model = {k: v for k, v in (spec.model.to_wire() or {}).items() if k != "secretRef"}
-    method = {"method": spec.method} if spec.method != "sft" else {}  # kto splits pairs: other rows
+    rows_of = {"orpo": "dpo"}.get(spec.method, spec.method)  # orpo trains on dpo's pairs; kto splits them
+    method = {"method": rows_of} if rows_of != "sft" else {}
     return {"format": FORMAT, **method, "dataset": dataset, "datasetContent": inputs.get("datasetContent"),
             "model": model, "modelContent": inputs.get("modelContent"), "seed": spec.training.seed,
             "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
@@ -211,8 +212,9 @@ def length_histogram(ds: Any) -> dict[str, int]:
 def check(spec: api.FineTuneJobSpec, prepared: Prepared, assistant_only: bool) -> dict[str, Any]:
     """The token checks with this job's settings (InvalidDataset names the rows); returns status.data."""
     t = spec.training
-    if spec.method in ("dpo", "kto"):
-        limit = (spec.dpo_settings() if spec.method == "dpo" else spec.kto_settings()).max_prompt_length
+    settings = spec.method_settings()
+    if settings is not None:
+        limit = settings.max_prompt_length
         pairs = data.check_pairs(prepared.train, t.max_length, limit, max_truncated_fraction=t.max_truncated_fraction,
                                  setting=f"{spec.method}.maxPromptLength")
         return {**prepared.rows, "evalSamples": len(prepared.eval) if prepared.eval is not None else 0,

@@ -59,9 +59,10 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str = "") ->
     return path
 
 
-# methods dpo and kto: TRL's logged reward metrics -> status.progress fields (and the report's, "final...")
+# methods dpo, orpo and kto: TRL's logged reward metrics -> status.progress fields (and the report's, "final...")
 PREFERENCE_METRICS = {"rewards/accuracies": "rewardAccuracy", "rewards/margins": "rewardMargin",
                       "rewards/chosen": "rewardChosen", "rewards/rejected": "rewardRejected", "kl": "kl",
+                      "nll_loss": "nllLoss", "log_odds_chosen": "logOddsRatio",
                       "eval_rewards/accuracies": "evalRewardAccuracy", "eval_rewards/margins": "evalRewardMargin"}
 
 
@@ -82,7 +83,7 @@ def metrics_from(log_history: list[dict[str, Any]], train_metrics: dict[str, Any
     if evaluation:
         out["finalEvalLoss"] = evaluation[-1][1]
         out["finalEvalPerplexity"] = math.exp(min(evaluation[-1][1], 700.0))
-    for key, name in PREFERENCE_METRICS.items():  # methods dpo and kto: the last logged value
+    for key, name in PREFERENCE_METRICS.items():  # preference methods: the last logged value
         logged = [entry[key] for entry in log_history if key in entry]
         if logged:
             out[f"final{name[0].upper()}{name[1:]}"] = logged[-1]
@@ -100,6 +101,8 @@ def method_summary(spec: api.FineTuneJobSpec) -> str:
         d = spec.dpo_settings()
         return f"dpo (beta {d.beta}, loss {d.loss_type}" + (f", label smoothing {d.label_smoothing}"
                                                            if d.label_smoothing else "") + ")"
+    if spec.method == "orpo":
+        return f"orpo (beta {spec.orpo_settings().beta})"
     if spec.method == "kto":
         k = spec.kto_settings()
         return (f"kto (beta {k.beta}, loss {k.loss_type}, weights {k.desirable_weight} desirable / "

@@ -141,7 +141,7 @@ def train(spec: api.FineTuneJobSpec, ctx: PodContext, echo: Callable[[str], None
             model=model,
             args=sft_config(spec.training, work / "trainer", has_eval=eval_set is not None, wandb=wandb_on,
                             run_name=ctx.name, varlen_attention=model.config._attn_implementation.startswith("flash"),
-                            ranks=ranks.world, fsdp=strategy == "fsdp", method=method_settings(spec)),
+                            ranks=ranks.world, fsdp=strategy == "fsdp", method=spec.method_settings()),
             train_dataset=train_set,
             eval_dataset=eval_set,
             processing_class=tokenizer,
@@ -316,7 +316,7 @@ def micro_batching(t: api.Training, varlen_attention: bool) -> tuple[int, int]:
 
 def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, run_name: str | None,
                varlen_attention: bool = False, ranks: int = 1, fsdp: bool = False,
-               method: api.Dpo | api.Kto | None = None) -> Any:
+               method: api.Dpo | api.Orpo | api.Kto | None = None) -> Any:
     """TRL SFTConfig from spec.training. bf16 only when asked and the GPU supports it. The datasets
     come tokenized with their labels (:func:`data.tokenize`): TRL only packs them, in this process.
 
@@ -327,15 +327,16 @@ def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, r
     shard, each decoder layer a unit, the LoRA layers units of their own: transformers' FSDP-QLoRA
     path), and the adapter is gathered to rank 0 to be saved.
 
-    ``method`` (spec.dpo or spec.kto): DPOConfig or KTOConfig with the same training settings and
-    that method's own, one padded sample (pair, or completion) per row instead of packing."""
+    ``method`` (spec.dpo, spec.orpo or spec.kto): DPOConfig, ORPOConfig or KTOConfig with the same
+    training settings and that method's own, one padded sample (pair, or completion) per row
+    instead of packing."""
     import torch
     from trl import SFTConfig
 
     cuda = modeling.use_cuda()
     bf16, fp16 = modeling.mixed_precision(t.bf16, cuda, torch.cuda.get_device_capability() if cuda else None)
     micro_batch, accumulation = micro_batching(t, varlen_attention) if method is None else (
-        t.batch_size, t.gradient_accumulation_steps)  # DPO and KTO pad their sequences: no packing
+        t.batch_size, t.gradient_accumulation_steps)  # DPO, ORPO and KTO pad their sequences: no packing
     method_args: dict[str, Any] = {"packing": t.packing != "none"}
     if t.packing != "none":
         method_args["packing_strategy"] = t.packing  # bfd, bfd_split and wrapped are TRL's own names
@@ -346,6 +347,11 @@ def sft_config(t: api.Training, output_dir: Path, has_eval: bool, wandb: bool, r
         config_class = DPOConfig
         method_args = {"beta": method.beta, "loss_type": [method.loss_type],
                        "label_smoothing": method.label_smoothing}
+    elif isinstance(method, api.Orpo):
+        from trl.experimental.orpo import ORPOConfig
+
+        config_class = ORPOConfig
+        method_args = {"beta": method.beta}
     elif isinstance(method, api.Kto):
         from trl import KTOConfig
 
@@ -416,13 +422,6 @@ def adapter_in_float32(model: Any) -> None:
             param.data = param.data.to(torch.float32)
 
 
-def method_settings(spec: api.FineTuneJobSpec) -> api.Dpo | api.Kto | None:
-    """spec.dpo or spec.kto (defaults when unset) for those methods; None for sft."""
-    if spec.method == "sft":
-        return None
-    return spec.dpo_settings() if spec.method == "dpo" else spec.kto_settings()
-
-
 def kto_order(dataset: Any, seed: int, batch_size: int, kl: bool) -> Any:
     """KTO's training rows: shuffled once with the seed (KTOTrainer reads them in order, and
     feedback data often comes sorted by label, or unpaired as all chosen then all rejected), then, for
@@ -438,16 +437,49 @@ def kto_order(dataset: Any, seed: int, batch_size: int, kl: bool) -> Any:
     return dataset.map(rotate, batched=True, batch_size=batch_size)
 
 
+def orpo_rows(dataset: Any, max_length: int) -> Any:
+    """The prepared pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``: DPO's tokenization) in
+    ORPOTrainer's layout: each answer after its prompt, cut at ``max_length`` (the start kept, as
+    ORPO and DPO cut), ``*_labels`` -100 on the prompt, and the prompt alone (for generation)."""
+    def rows(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"prompt_input_ids": batch["prompt_ids"],
+                                     "prompt_attention_mask": [[1] * len(p) for p in batch["prompt_ids"]]}
+        for name in ("chosen", "rejected"):
+            ids = [(p + a)[:max_length] for p, a in zip(batch["prompt_ids"], batch[f"{name}_ids"], strict=True)]
+            out[f"{name}_input_ids"] = ids
+            out[f"{name}_attention_mask"] = [[1] * len(i) for i in ids]
+            out[f"{name}_labels"] = [[-100] * min(len(p), len(i)) + i[len(p):]
+                                     for p, i in zip(batch["prompt_ids"], ids, strict=True)]
+        return out
+
+    return dataset.map(rows, batched=True, remove_columns=dataset.column_names)
+
+
 def trainer_class(method: str = "sft") -> Any:
-    """TRL's SFTTrainer (DPOTrainer, KTOTrainer for methods dpo, kto), with an evaluation that a
-    SIGTERM can cut short (the checkpoint that follows must fit the pod's grace period;
-    :class:`checkpoints.PreemptionHandler`). DPO and KTO take the prepared data as it is (prompt_ids
-    and the answers' ids: :func:`data.tokenize`, the same tokenization): no second one in the GPU pod."""
+    """TRL's SFTTrainer (DPOTrainer, ORPOTrainer, KTOTrainer for methods dpo, orpo, kto), with an
+    evaluation that a SIGTERM can cut short (the checkpoint that follows must fit the pod's grace
+    period; :class:`checkpoints.PreemptionHandler`). DPO, ORPO and KTO take the prepared data (prompt_ids
+    and the answers' ids: :func:`data.tokenize`, the same tokenization): no second one in the GPU
+    pod. ORPO (``trl.experimental``) tokenizes in its constructor: it gets :func:`orpo_rows`, which
+    its tokenization leaves as they are."""
     from trl import DPOTrainer, KTOTrainer, SFTTrainer
 
     base = {"dpo": DPOTrainer, "kto": KTOTrainer}.get(method, SFTTrainer)
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOTrainer
+
+        base = ORPOTrainer
 
     class Trainer(base):  # type: ignore[misc,valid-type]
+        if method == "orpo":
+            def __init__(self, *args: Any, train_dataset: Any = None, eval_dataset: Any = None, **kwargs: Any) -> None:
+                length = kwargs["args"].max_length
+                super().__init__(*args, train_dataset=orpo_rows(train_dataset, length), **kwargs,
+                                 eval_dataset=None if eval_dataset is None else orpo_rows(eval_dataset, length))
+
+            def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, Any]:
+                return {}  # orpo_rows made them: nothing to add
+
         def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
             try:
                 return super().evaluate(*args, **kwargs)  # type: ignore[no-any-return]
