@@ -288,27 +288,50 @@ def test_suspend_keeps_checkpoint_and_resume_continues(system: System) -> None:
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
+def example(system: System, file: str) -> list[dict[str, Any]]:
+    """The resources of ``examples/<file>``, with this system's model, S3 server and datasets."""
+    import yaml
+
+    client, prefix = system.s3.client(), f"data/{system.namespace}"
+    docs = [d for d in yaml.safe_load_all((EXAMPLES / file).read_text()) if d]
+    for doc in docs:
+        spec = doc["spec"]
+        spec["output"]["uri"] = f"s3://{BUCKET}/runs/{system.namespace}/{doc['metadata']['name']}"
+        if doc["kind"] == "FineTuneJob":
+            name = spec["dataset"]["uri"].rsplit("/", 1)[1]
+            client.upload_file(str(EXAMPLES / "data" / name), BUCKET, f"{prefix}/{name}")
+            spec["model"]["uri"] = system.model_uri
+            spec["dataset"]["uri"] = f"s3://{BUCKET}/{prefix}/{name}"
+            spec["storage"] = system.storage()
+            spec["backoffLimit"] = 1
+    return docs
+
+
+def merged_model_loads(system: System, mj: dict[str, Any], adapter_uri: str, tmp_path: Path) -> None:
+    """The MergeJob merged that adapter and verified it; its model loads and generates with plain transformers."""
+    assert mj["status"]["phase"] == "Succeeded", f"{mj['status']}\n{system.diagnostics()}"
+    assert mj["status"]["adapterUri"] == adapter_uri and mj["status"]["verification"]["passed"] is True
+    merged = mj["status"]["mergedUri"].rstrip("/")
+    files = set(system.s3_keys(merged))
+    assert {"config.json", "tokenizer.json"} <= files and any(f.endswith(".safetensors") for f in files), files
+    bucket, _, key = merged.removeprefix("s3://").partition("/")
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        system.s3.client().download_file(bucket, f"{key}/{name}", str(tmp_path / name))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)  # plain transformers: no peft, no kubetune
+    ids = AutoTokenizer.from_pretrained(tmp_path)("### Question: what is s3?\n### Answer:", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+
+
 @pytest.mark.timeout(4 * RUN_TIMEOUT)
 def test_sft_then_dpo_on_its_adapter_then_merge(system: System, tmp_path: Path) -> None:
     """Issue #19: examples/sft-dpo-merge.yaml applied at once -- an SFT job, a DPO job chained to it
     (model.adapterFrom.fineTuneJobRef: it waits for the SFT job, then continues its adapter) and a
     MergeJob of the DPO job -- with this system's model (the tiny one), S3 server and datasets; the
     merged model loads with plain transformers."""
-    import yaml
-
-    client, prefix = system.s3.client(), f"data/{system.namespace}"
-    for name in ("kubetune-qa.jsonl", "kubetune-preference.jsonl"):
-        client.upload_file(str(EXAMPLES / "data" / name), BUCKET, f"{prefix}/{name}")
-    docs = [d for d in yaml.safe_load_all((EXAMPLES / "sft-dpo-merge.yaml").read_text()) if d]
-    for doc in docs:
-        spec = doc["spec"]
-        spec["output"]["uri"] = f"s3://{BUCKET}/runs/{system.namespace}/{doc['metadata']['name']}"
-        if doc["kind"] == "FineTuneJob":
-            spec["model"]["uri"] = system.model_uri
-            spec["dataset"]["uri"] = f"s3://{BUCKET}/{prefix}/{spec['dataset']['uri'].rsplit('/', 1)[1]}"
-            spec["storage"] = system.storage()
-            spec["backoffLimit"] = 1
-    sft_job, dpo, merge = docs
+    sft_job, dpo, merge = example(system, "sft-dpo-merge.yaml")
     system.cluster.apply(dpo, merge, sft_job, namespace=system.namespace)
     waiting = wait_for(lambda: phase_is(system, FTJ, "assistant-dpo", "Pending"), 60, "assistant-dpo pending")
     # applied before the SFT job: not found yet, or waiting for it (woken when it appears)
@@ -321,18 +344,19 @@ def test_sft_then_dpo_on_its_adapter_then_merge(system: System, tmp_path: Path) 
     assert {"rewardMargin", "rewardAccuracy", "evalRewardAccuracy"} <= set(st["progress"]), st["progress"]
     config = system.s3_json(st["adapterUri"].rstrip("/") + "/adapter_config.json")
     assert config["r"] == 8, config  # the SFT job's adapter, trained further
-    mj = wait_phase(system, MJ, "assistant-merge", "Succeeded", "Failed")
-    assert mj["status"]["phase"] == "Succeeded", f"{mj['status']}\n{system.diagnostics()}"
-    assert mj["status"]["adapterUri"] == st["adapterUri"] and mj["status"]["verification"]["passed"] is True
-    merged = mj["status"]["mergedUri"].rstrip("/")
-    files = set(system.s3_keys(merged))
-    assert {"config.json", "tokenizer.json"} <= files and any(f.endswith(".safetensors") for f in files), files
-    bucket, _, key = merged.removeprefix("s3://").partition("/")
-    for name in files:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(bucket, f"{key}/{name}", str(tmp_path / name))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    merged_model_loads(system, wait_phase(system, MJ, "assistant-merge", "Succeeded", "Failed"), st["adapterUri"],
+                       tmp_path)
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path)  # plain transformers: no peft, no kubetune
-    ids = AutoTokenizer.from_pretrained(tmp_path)("### Question: what is s3?\n### Answer:", return_tensors="pt")
-    assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+
+@pytest.mark.timeout(3 * RUN_TIMEOUT)
+def test_orpo_then_merge(system: System, tmp_path: Path) -> None:
+    """examples/orpo-merge.yaml applied at once: an ORPO job from the base (no SFT job, no reference
+    model) reports its supervised loss and preference metrics, and the MergeJob of it publishes a
+    model that loads with plain transformers."""
+    orpo, merge = example(system, "orpo-merge.yaml")
+    system.cluster.apply(merge, orpo, namespace=system.namespace)
+    st = wait_phase(system, FTJ, "assistant-orpo", "Succeeded", "Failed")["status"]
+    assert st["phase"] == "Succeeded", f"{st}\n{system.diagnostics()}"
+    assert {"nllLoss", "logOddsRatio", "rewardAccuracy", "evalRewardAccuracy"} <= set(st["progress"]), st["progress"]
+    merged_model_loads(system, wait_phase(system, MJ, "assistant-orpo-merge", "Succeeded", "Failed"),
+                       st["adapterUri"], tmp_path)
