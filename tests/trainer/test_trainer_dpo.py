@@ -11,7 +11,7 @@ import pytest
 from kubetune_trainer import data, prepare, sft
 from kubetune_trainer.runtime import InvalidDataset
 from kubetune_trainer.storage import Store
-from trainer_helpers import make_pod, pairs, put, qa_rows, recorder, spec_doc
+from trainer_helpers import make_pod, pairs, preference_spec, put, qa_rows, recorder, spec_doc
 
 from kubetune import api
 
@@ -19,12 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def dpo_spec(tiny: Path, s3: Any, data_uri: str, out: str, **over: Any) -> api.FineTuneJobSpec:
-    doc = spec_doc({"name": str(tiny)}, {"source": "jsonl", "uri": data_uri, "format": "preference",
-                                         "eval": {"fraction": 0.2}},
-                   out, s3.endpoint, maxSteps=24, maxLength=64, batchSize=4, learningRate=5e-3, loggingSteps=4,
-                   evalSteps=12)
-    doc.update(method="dpo", dpo={"beta": 0.1}, prepare={"mode": "inline"}, **over)
-    return api.FineTuneJobSpec.model_validate(doc)
+    return preference_spec(tiny, s3, data_uri, out, "dpo", {"beta": 0.1}, **over)
 
 
 @pytest.mark.parametrize("conversational", [False, True], ids=["text", "messages"])

@@ -12,7 +12,7 @@ import pytest
 from kubetune_trainer import data, fingerprint, sft
 from kubetune_trainer.runtime import InvalidDataset
 from kubetune_trainer.storage import Store
-from trainer_helpers import make_pod, pairs, put, recorder, spec_doc
+from trainer_helpers import make_pod, pairs, preference_spec, put, recorder, spec_doc
 
 from kubetune import api
 
@@ -31,12 +31,7 @@ def feedback(n: int, seed: int = 0, conversational: bool = False) -> list[dict[s
 
 def kto_spec(tiny: Path, s3: Any, data_uri: str, out: str, fmt: str = "feedback", max_steps: int = 24,
              **over: Any) -> api.FineTuneJobSpec:
-    doc = spec_doc({"name": str(tiny)}, {"source": "jsonl", "uri": data_uri, "format": fmt,
-                                         "eval": {"fraction": 0.2}},
-                   out, s3.endpoint, maxSteps=max_steps, maxLength=64, batchSize=4, learningRate=5e-3,
-                   loggingSteps=4, evalSteps=12)
-    doc.update(method="kto", kto={"beta": 0.1}, prepare={"mode": "inline"}, **over)
-    return api.FineTuneJobSpec.model_validate(doc)
+    return preference_spec(tiny, s3, data_uri, out, "kto", {"beta": 0.1}, fmt, max_steps, **over)
 
 
 def test_kto_learns_from_feedback(tiny_model_dir: Path, s3: Any, prefix: str, tmp_path: Path, store: Store) -> None:
