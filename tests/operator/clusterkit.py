@@ -170,12 +170,12 @@ def _patch_pod_status(c: Any, pod: dict[str, Any], status: dict[str, Any]) -> No
               content_type="application/merge-patch+json")
 
 
-def kubelet_run(c: Any, pod: dict[str, Any]) -> None:
-    """Container started (as a kubelet reports it)."""
+def kubelet_run(c: Any, pod: dict[str, Any], ip: str = "10.244.0.10") -> None:
+    """Container started (as a kubelet reports it), with pod IP ``ip``."""
     t = now()
     name = pod["spec"]["containers"][0]["name"]
     _patch_pod_status(c, pod, {
-        "phase": "Running", "startTime": t, "hostIP": "127.0.0.1", "podIP": "10.244.0.10",
+        "phase": "Running", "startTime": t, "hostIP": "127.0.0.1", "podIP": ip, "podIPs": [{"ip": ip}],
         "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
                        {"type": "Initialized", "status": "True", "lastTransitionTime": t},
                        {"type": "ContainersReady", "status": "True", "lastTransitionTime": t},

@@ -53,11 +53,9 @@ def test_two_nodes_service_indexed_job_and_rank_zero_result(cluster: Any, ns: st
         assert pod["spec"]["hostname"] == f"multi-train-{index}" and pod["spec"]["subdomain"] == service
         env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
         assert env["KUBETUNE_RDZV_ENDPOINT"]["value"] == f"multi-train-0.{service}:29400"
-        kubelet_run(cluster, pod)
-        ip = f"10.244.1.1{index}"
-        cluster.request("PATCH", f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/status",
-                        {"status": {"podIP": ip, "podIPs": [{"ip": ip}]}},
-                        content_type="application/merge-patch+json")
+        # one IP per pod from the start: a second patch raced the EndpointSlice controller, which
+        # could publish the first IP (CI on 4489f1b)
+        kubelet_run(cluster, pod, ip=f"10.244.1.1{index}")
 
     def published() -> dict[str, str] | None:
         slices = cluster.request("GET", f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
