@@ -28,13 +28,14 @@ def test_orpo_learns_the_preference_on_held_out_pairs(conversational: bool, tiny
     """From the base (no SFT run, no reference model): the held-out pairs' chosen answers end up
     likelier than the rejected ones, the supervised part of the loss falls, and the report and
     manifest name the method."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     spec = orpo_spec(tiny_model_dir, s3, put(s3, prefix, "pairs.jsonl", pairs(60, conversational=conversational)),
                      f"s3://{prefix}/orpo")
     ctx = make_pod(tmp_path / "work")
     patches = recorder(ctx)
     result = sft.train(spec, ctx)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     progress = [p["progress"] for p in patches if "progress" in p]
     evals = [p["evalRewardAccuracy"] for p in progress if "evalRewardAccuracy" in p]
     assert evals and evals[-1] > 0.75, evals  # held-out pairs: well above chance (0.5)
@@ -47,9 +48,6 @@ def test_orpo_learns_the_preference_on_held_out_pairs(conversational: bool, tiny
     assert manifest["metrics"]["finalEvalRewardAccuracy"] == evals[-1], manifest["metrics"]
     assert manifest["data"]["trainingRows"] == 48
     assert "orpo (beta 0.5)" in store.get_text(f"s3://{prefix}/orpo/report.md")
-
-    from peft import PeftModel
-
     local = tmp_path / "adapter"
     store.download_dir(f"s3://{prefix}/orpo/adapter", local)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(local))
@@ -60,12 +58,10 @@ def test_orpo_reuses_the_pairs_dpo_prepared(tiny_model_dir: Path, s3: Any, prefi
     """ORPO trains on DPO's prepared pairs: after a DPO job on the same data and tokenizer, an ORPO
     job tokenizes nothing; its own settings still make it another run (its own fingerprint)."""
     uri = put(s3, prefix, "pairs.jsonl", pairs(20))
-    over = {"training": {"maxSteps": 2, "maxLength": 64, "batchSize": 2}}
-    dpo = api.FineTuneJobSpec.model_validate(
-        {**orpo_spec(tiny_model_dir, s3, uri, f"s3://{prefix}/dpo").to_wire(), "method": "dpo", "orpo": None, **over})
+    short = {"maxSteps": 2, "maxLength": 64, "batchSize": 2}
+    dpo = preference_spec(tiny_model_dir, s3, uri, f"s3://{prefix}/dpo", "dpo", {"beta": 0.1}, training=short)
     sft.train(dpo, make_pod(tmp_path / "dpo"))
-    spec = api.FineTuneJobSpec.model_validate(
-        {**orpo_spec(tiny_model_dir, s3, uri, f"s3://{prefix}/orpo").to_wire(), **over})
+    spec = orpo_spec(tiny_model_dir, s3, uri, f"s3://{prefix}/orpo", training=short)
     ctx = make_pod(tmp_path / "orpo")
     patches = recorder(ctx)
     sft.train(spec, ctx)
@@ -115,15 +111,17 @@ def test_orpo_rows_are_orpo_trainers_own_tokenization(tiny_model_dir: Path) -> N
     assert len(ours[4]["chosen_input_ids"]) == max_length and ours[4]["chosen_labels"][-1] != -100
 
 
-def test_orpo_settings_are_validated() -> None:
+def test_method_settings_default_per_method() -> None:
+    """spec.method_settings(): the method's settings, defaults when unset (what the fingerprint, the
+    checks and the trainer config read); none for sft. The refusals are tests/manifests.py's
+    METHOD_CASES, run by tests/test_api.py and against the real API server."""
     base = spec_doc({"name": "m"}, {"source": "jsonl", "uri": "s3://data/p.jsonl", "format": "preference"},
                     "s3://out/x")
-    spec = api.FineTuneJobSpec.model_validate({**base, "method": "orpo"})
-    assert spec.method_settings() == api.Orpo(beta=0.1)
-    with pytest.raises(ValueError, match="method orpo trains on dataset.format preference"):
-        api.FineTuneJobSpec.model_validate({**base, "method": "orpo", "dataset": {**base["dataset"], "format": "text"}})
-    with pytest.raises(ValueError, match="spec.orpo configures method orpo"):
-        api.FineTuneJobSpec.model_validate({**base, "method": "dpo", "orpo": {}})
+    assert api.FineTuneJobSpec.model_validate({**base, "method": "orpo"}).method_settings() == api.Orpo(beta=0.1)
+    assert api.FineTuneJobSpec.model_validate(
+        {**base, "method": "dpo", "dpo": {"beta": 0.3}}).method_settings() == api.Dpo(beta=0.3)
+    sft_doc = {**base, "dataset": {**base["dataset"], "format": "text"}}
+    assert api.FineTuneJobSpec.model_validate(sft_doc).method_settings() is None
 
 
 def test_orpo_continues_an_sft_adapter(tiny_model_dir: Path, s3: Any, prefix: str, tmp_path: Path,
